@@ -1,0 +1,283 @@
+"""Typed run configuration: dataclass defaults <- YAML file <- `key=value` overrides.
+
+OmegaConf does the merging and the type checks; `validate` adds the range and
+choice checks that types cannot express. Every failure becomes a one-line
+`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dtrain.errors import ConfigError, DTrainError
+
+DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "linear")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BACKENDS = ("auto", "nccl", "gloo")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Dataset: digits (bundled with scikit-learn), synthetic, mnist, fashion_mnist, cifar10."""
+    root: str = "data"
+    """Directory holding the torchvision datasets' files."""
+    download: bool = False
+    """Let torchvision download missing files (rank 0 only; needs internet)."""
+    batch_size: int = 32
+    """Samples per process per micro-step; the global batch is this x grad_accum_steps x world_size."""
+    eval_batch_size: int = 256
+    """Samples per process per eval batch."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    train_size: int = 1000
+    """synthetic only: number of training samples."""
+    eval_size: int = 200
+    """synthetic only: number of eval samples."""
+    num_features: int = 32
+    """synthetic only: input width."""
+    num_classes: int = 10
+    """synthetic only: number of classes."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    """mlp | cnn | a user factory 'package.module:function' called with (input_shape, num_classes)."""
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    """mlp only: hidden layer widths."""
+
+
+@dataclass
+class ParamGroupConfig:
+    params: str = MISSING
+    """Glob over parameter names (as in model.named_parameters()), e.g. '0.*' or '*.bias'."""
+    lr: Optional[float] = None
+    """Learning rate of the group; unset means optim.lr."""
+    weight_decay: Optional[float] = None
+    """Weight decay of the group; unset means optim.weight_decay."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """sgd | adam | adamw."""
+    lr: float = 0.05
+    momentum: float = 0.9
+    """sgd only."""
+    dampening: float = 0.0
+    """sgd only."""
+    nesterov: bool = False
+    """sgd only; needs momentum > 0 and dampening == 0."""
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """adam/adamw only."""
+    eps: float = 1e-8
+    """adam/adamw only."""
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    """Per-layer settings; parameters matched by no group use the top-level values."""
+    no_decay_bias_norm: bool = False
+    """No weight decay on biases and normalisation weights (parameters with fewer than 2 dims)."""
+
+
+@dataclass
+class SchedConfig:
+    name: str = "constant"
+    """constant | step | cosine | linear; all count optimizer steps."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to the base lr over this many optimizer steps."""
+    step_size: int = 100
+    """step only: multiply the lr by gamma every step_size optimizer steps."""
+    gamma: float = 0.1
+    """step only."""
+    min_lr: float = 0.0
+    """cosine and linear: the lr reached at the last step."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (across epochs); unset means run all epochs."""
+    seed: int = 0
+    """Seeds the weights, the data order and the synthetic data."""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only)."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step (K)."""
+    grad_clip: Optional[float] = None
+    """Clip the global gradient L2 norm to this value; unset means no clipping."""
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda."""
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
+    timeout_s: int = 600
+    """Collective timeout; a hung rank fails the job after this long."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    """Log the train loss averaged over this many optimizer steps."""
+    wandb: bool = False
+    project: Optional[str] = None
+    """W&B project; unset leaves it to WANDB_PROJECT or W&B's default."""
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False
+    """Write TensorBoard event files under <output_dir>/tensorboard/."""
+    progress: str = "auto"
+    """auto (a bar when stdout is a terminal, lines otherwise) | bar | lines | off."""
+
+
+@dataclass
+class LRFindConfig:
+    start_lr: float = 1e-5
+    end_lr: float = 10.0
+    num_steps: int = 100
+    smoothing: float = 0.05
+    """Weight of the newest loss in the exponential moving average."""
+    diverge_factor: float = 4.0
+    """Stop once the smoothed loss exceeds this multiple of the best one."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
+    output_dir: str = "runs/default"
+    """Where rank 0 writes config.yaml, metrics.jsonl and logger files."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a run's metrics."""
+
+
+def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    value = getattr(exc, "value", None)
+    return ConfigError(key, value, first_line)
+
+
+def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Build the run's config; raise DTrainError/ConfigError on any bad input."""
+    base = OmegaConf.structured(Config)
+    try:
+        layers = [base]
+        if config_file is not None:
+            if not os.path.isfile(config_file):
+                raise DTrainError(f"config file not found: {config_file}")
+            layers.append(OmegaConf.load(config_file))
+        for item in overrides:
+            if "=" not in item or item.startswith("="):
+                raise ConfigError(item, item, "overrides of the form key=value, e.g. train.epochs=3")
+            layers.append(OmegaConf.from_dotlist([item]))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from None
+    assert isinstance(cfg, Config)  # to_object of a structured Config; for the type checker
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config, extra: Optional[dict[str, Any]] = None) -> str:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    if extra:
+        container.update(extra)
+    return OmegaConf.to_yaml(container)
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    _check(value in choices, key, value, " | ".join(choices))
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks. Raises ConfigError; never uses assert (stripped by -O)."""
+    d, m, o, s, t, lg = cfg.data, cfg.model, cfg.optim, cfg.sched, cfg.train, cfg.log
+    _choice("data.name", d.name, DATASETS)
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
+    _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(d.train_size >= 1, "data.train_size", d.train_size, "an integer >= 1")
+    _check(d.eval_size >= 1, "data.eval_size", d.eval_size, "an integer >= 1")
+    _check(d.num_features >= 1, "data.num_features", d.num_features, "an integer >= 1")
+    _check(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")
+
+    _check(m.name in ("mlp", "cnn") or ":" in m.name, "model.name", m.name,
+           "mlp | cnn | a factory 'package.module:function'")
+    _check(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "a list of integers >= 1")
+
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _check(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
+    _check(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
+    _check(o.dampening >= 0, "optim.dampening", o.dampening, "a number >= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    if o.nesterov:
+        _check(o.name == "sgd", "optim.nesterov", o.nesterov, "true only with optim.name=sgd")
+        _check(o.momentum > 0 and o.dampening == 0, "optim.nesterov", o.nesterov,
+               "true only with optim.momentum > 0 and optim.dampening = 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+           "two numbers in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "a number > 0")
+    for i, g in enumerate(o.param_groups):
+        key = f"optim.param_groups[{i}]"
+        _check(bool(g.params), f"{key}.params", g.params, "a non-empty glob over parameter names")
+        _check(g.lr is None or g.lr >= 0, f"{key}.lr", g.lr, "a number >= 0")
+        _check(g.weight_decay is None or g.weight_decay >= 0, f"{key}.weight_decay",
+               g.weight_decay, "a number >= 0")
+
+    _choice("sched.name", s.name, SCHEDULES)
+    _check(s.warmup_steps >= 0, "sched.warmup_steps", s.warmup_steps, "an integer >= 0")
+    _check(s.step_size >= 1, "sched.step_size", s.step_size, "an integer >= 1")
+    _check(0 < s.gamma <= 1, "sched.gamma", s.gamma, "a number in (0, 1]")
+    _check(0 <= s.min_lr <= o.lr, "sched.min_lr", s.min_lr, f"a number in [0, optim.lr={o.lr}]")
+
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps,
+           "an integer >= 1, or null for no limit")
+    _choice("train.precision", t.precision, PRECISIONS)
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "an integer >= 1")
+    _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip,
+           "a number > 0, or null for no clipping")
+    _choice("train.device", t.device, DEVICES)
+
+    _choice("dist.backend", cfg.dist.backend, BACKENDS)
+    _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "an integer >= 1")
+
+    _check(lg.every_steps >= 1, "log.every_steps", lg.every_steps, "an integer >= 1")
+    _choice("log.progress", lg.progress, ("auto", "bar", "lines", "off"))
+
+    f = cfg.lr_find
+    _check(f.start_lr > 0, "lr_find.start_lr", f.start_lr, "a number > 0")
+    _check(f.end_lr > f.start_lr, "lr_find.end_lr", f.end_lr, f"a number > lr_find.start_lr={f.start_lr}")
+    _check(f.num_steps >= 2, "lr_find.num_steps", f.num_steps, "an integer >= 2")
+    _check(0 < f.smoothing <= 1, "lr_find.smoothing", f.smoothing, "a number in (0, 1]")
+    _check(f.diverge_factor > 1, "lr_find.diverge_factor", f.diverge_factor, "a number > 1")
+
+    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "a non-empty path")
+

@@ -1,0 +1,115 @@
+"""The process group: the only module that calls `init_process_group`.
+
+`distributed(...)` yields one explicit `DistState` that the rest of the code
+takes as an argument; there is no module-level state to forget to reset.
+"""
+
+from __future__ import annotations
+
+import datetime
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from dtrain.env import LaunchInfo
+from dtrain.errors import DTrainError
+
+
+@dataclass(frozen=True)
+class DistState:
+    launcher: str
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum in place across ranks (a no-op cost for one process) and return the tensor."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def run_on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 only; every rank returns its result or raises its error.
+
+        Without this, a check that fails on rank 0 alone (e.g. an output
+        directory that already holds a run) leaves the other ranks waiting in
+        their next collective until the timeout.
+        """
+        result: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                result[0] = fn()
+            except DTrainError as exc:
+                result[1] = str(exc)
+        if self.world_size > 1:
+            dist.broadcast_object_list(result, src=0)
+        if result[1] is not None:
+            raise DTrainError(result[1])
+        return result[0]
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DTrainError("config key 'train.device' has value 'cuda'; allowed: auto | cpu (no CUDA device is visible)")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DTrainError(f"local rank {local_rank} has no GPU: only {count} visible on this node; "
+                          "start at most one process per GPU")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise DTrainError("config key 'dist.backend' has value 'nccl'; allowed: gloo | auto on CPU (NCCL needs CUDA)")
+    return requested
+
+
+@contextmanager
+def distributed(launch: LaunchInfo, backend: str = "auto", device: str = "auto",
+                timeout_s: int = 600) -> Iterator[DistState]:
+    """Start the process group for `launch`, yield its DistState, always destroy it."""
+    dev = resolve_device(device, launch.local_rank)
+    be = resolve_backend(backend, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs: dict[str, Any] = {"backend": be, "rank": launch.rank, "world_size": launch.world_size,
+                              "timeout": timeout}
+    if dev.type == "cuda":
+        kwargs["device_id"] = dev
+    if launch.master_port is None:
+        # One process: an in-memory store, so no port is needed or can collide.
+        if launch.world_size != 1:
+            raise DTrainError(f"world size {launch.world_size} needs MASTER_PORT to be set")
+        kwargs["store"] = dist.HashStore()
+    elif launch.launcher == "torchrun":
+        # env:// lets torchrun hand over its own store (TORCHELASTIC_USE_AGENT_STORE)
+        # instead of rank 0 binding MASTER_PORT a second time.
+        kwargs["init_method"] = "env://"
+    else:
+        host = f"[{launch.master_addr}]" if ":" in launch.master_addr else launch.master_addr
+        kwargs["init_method"] = f"tcp://{host}:{launch.master_port}"
+    dist.init_process_group(**kwargs)
+    try:
+        yield DistState(launch.launcher, launch.rank, launch.local_rank, launch.world_size, be, dev)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -1,0 +1,18 @@
+"""The one exception type that reaches the user as a single line, not a traceback."""
+
+from __future__ import annotations
+
+
+class DTrainError(Exception):
+    """A problem the user can fix (bad config, missing files, bad launch).
+
+    `python -m dtrain` prints its message on one line and exits non-zero.
+    """
+
+
+class ConfigError(DTrainError):
+    """A config value is unknown, of the wrong type or out of range."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config key '{key}' has value {value!r}; allowed: {allowed}")

@@ -1,0 +1,38 @@
+"""Weights & Biases: one run per job, opened by rank 0, finished once."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dtrain.loggers.base import Record, optional_import
+
+
+class WandbLogger:
+    def __init__(self, log_cfg: Any, config: dict[str, Any], output_dir: str) -> None:
+        wandb = optional_import("wandb", "wandb")
+        # Only what the user set is passed, so WANDB_PROJECT, WANDB_ENTITY,
+        # WANDB_MODE, WANDB_DIR, ... keep their meaning.
+        kwargs: dict[str, Any] = {"config": config}
+        for key, value in (("project", log_cfg.project), ("entity", log_cfg.entity),
+                           ("name", log_cfg.run_name)):
+            if value is not None:
+                kwargs[key] = value
+        if log_cfg.tags:
+            kwargs["tags"] = list(log_cfg.tags)
+        if "WANDB_DIR" not in os.environ:
+            kwargs["dir"] = output_dir
+        self.run = wandb.init(**kwargs)
+
+    def log(self, record: Record) -> None:
+        # W&B's step is the optimizer step; records of one step (the last
+        # train window, the epoch mean, eval) merge into one history row.
+        values = record.dashboard()
+        if values:
+            self.run.log({**values, "epoch": record.epoch}, step=record.step)
+
+    def close(self) -> None:
+        self.run.finish(exit_code=0)
+
+    def fail(self) -> None:
+        self.run.finish(exit_code=1)

@@ -1,0 +1,107 @@
+"""Wire one training run together: config -> launch -> process group -> data -> model -> loop."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dtrain.config import Config, to_yaml
+from dtrain.data import build_datasets, build_loaders
+from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
+from dtrain.engine import FitPlan, Loop, fit, steps_per_epoch
+from dtrain.env import detect_launch
+from dtrain.errors import DTrainError
+from dtrain.loggers import open_loggers
+from dtrain.models import build_model
+from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
+from dtrain.precision import build_precision
+from dtrain.progress import Progress
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run's metrics unless asked to."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    if os.path.exists(metrics) and not overwrite:
+        raise DTrainError(f"config key 'output_dir' has value {path!r}, which already holds a run "
+                          f"({metrics}); allowed: a new directory, or overwrite=true to replace it")
+    os.makedirs(path, exist_ok=True)
+
+
+def runtime_summary(cfg: Config, ds: DistState, precision: str) -> dict[str, Any]:
+    return {
+        "launcher": ds.launcher,
+        "precision": precision,
+        "device": str(ds.device),
+        "backend": ds.backend,
+        "world_size": ds.world_size,
+        "per_process_batch": cfg.data.batch_size,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "global_batch": cfg.data.batch_size * cfg.train.grad_accum_steps * ds.world_size,
+    }
+
+
+def _groups_text(infos: list[GroupInfo]) -> str:
+    rows = [f"  {g.name}: lr={g.lr:g} weight_decay={g.weight_decay:g} params={g.num_params}" for g in infos]
+    return "param groups:\n" + "\n".join(rows)
+
+
+def build_loop(cfg: Config, ds: DistState, model: torch.nn.Module, total_steps: int,
+               precision_name: Optional[str] = None) -> tuple[Loop, list[GroupInfo]]:
+    """Wrap `model` in DDP and attach optimizer, schedule and precision."""
+    precision = build_precision(precision_name or cfg.train.precision, ds.device)
+    model = model.to(ds.device)
+    ddp = DDP(model, device_ids=[ds.device.index] if ds.device.type == "cuda" else None)
+    optimizer, infos = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total_steps)
+    return Loop(ddp, optimizer, scheduler, precision, ds, cfg.train.grad_accum_steps, cfg.train.grad_clip), infos
+
+
+def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optional[dict[str, float]]:
+    """Run training under whatever launcher started this process; return the final eval."""
+    launch = detect_launch(os.environ if environ is None else environ)
+    # Checks that need no process group run first, so a bad value fails fast on every rank.
+    device = resolve_device(cfg.train.device, launch.local_rank)
+    backend = resolve_backend(cfg.dist.backend, device)
+    build_precision(cfg.train.precision, device)
+
+    with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
+        ds.run_on_main(lambda: prepare_output_dir(cfg.output_dir, cfg.overwrite))
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        data = build_datasets(cfg.data, cfg.train.seed, ds)
+        loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
+        plan = FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps, cfg.data.batch_size)
+        total = plan.total_steps(per_epoch)
+        loop, infos = build_loop(cfg, ds, model, total)
+
+        runtime = runtime_summary(cfg, ds, loop.precision.name)
+        progress = Progress(cfg.log.progress, total, enabled=ds.is_main)
+        if ds.is_main:
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(to_yaml(cfg, {"runtime": runtime}))
+            progress.print("dtrain: " + " ".join(f"{k}={v}" for k, v in runtime.items()))
+            progress.print(_groups_text(infos))
+            progress.print(f"dtrain: {len(data.train)} train / {len(data.eval)} eval samples, "
+                           f"{per_epoch} steps per epoch, {total} steps in all")
+        full_config = {**_plain(cfg), "runtime": runtime}
+        try:
+            with open_loggers(ds.is_main, cfg.output_dir, cfg.log, full_config) as logger:
+                result = fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, logger, progress)
+        finally:
+            progress.close()
+        if ds.is_main and result is not None:
+            print(f"dtrain: final eval loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
+                  f"on {result['samples']} samples; outputs in {cfg.output_dir}", flush=True)
+        return result
+
+
+def _plain(cfg: Config) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]

@@ -1,0 +1,82 @@
+"""Run dtrain (or a worker script) as real processes under torchrun, and read what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+# Each multi-process run gets this long before it is killed; a hang fails the
+# test in seconds instead of eating the CI budget.
+DEFAULT_TIMEOUT_S = 180
+
+
+def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                       "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("WANDB_SILENT", "true")
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S, env: Optional[dict[str, str]] = None,
+        cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; on timeout kill the whole group and fail."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(env), cwd=cwd or REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+
+
+def torchrun(nproc: int, module_args: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
+             env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone`: the rendezvous port is assigned by the OS, so tests never collide."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *module_args]
+    return run(cmd, timeout=timeout, env=env)
+
+
+def dtrain(nproc: int, overrides: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
+           env: Optional[dict[str, str]] = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m dtrain` alone (nproc=0) or under torchrun with nproc processes."""
+    if nproc == 0:
+        result = run([sys.executable, "-m", "dtrain", *overrides], timeout=timeout, env=env)
+    else:
+        result = torchrun(nproc, ["-m", "dtrain", *overrides], timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    return result
+
+
+def worker(nproc: int, script: str, args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run tests/workers/<script> under torchrun."""
+    result = torchrun(nproc, [str(WORKERS / script), *args], timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    return result
+
+
+def records(run_dir: Path, split: Optional[str] = None) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)

@@ -117,6 +117,8 @@ class TrainConfig:
     """Clip the global gradient L2 norm to this value; unset means no clipping."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda."""
+    save_model: bool = True
+    """Rank 0 writes the trained weights (the unwrapped model's state_dict) to <output_dir>/model.pt."""
 
 
 @dataclass

@@ -178,15 +178,15 @@ def expand_hostlist(nodelist: str) -> list[str]:
             hosts.append(item)
             continue
         prefix, ranges, suffix = m.groups()
-        for tails in (expand_hostlist(suffix) if suffix else [""]):
-            for part in ranges.split(","):
-                r = _RANGE.match(part.strip())
-                if not r:
-                    raise DTrainError(f"cannot parse Slurm node list {nodelist!r}")
-                lo, hi = r.group(1), r.group(2) or r.group(1)
-                width = len(lo)  # keep zero padding: node[001-003]
-                for n in range(int(lo), int(hi) + 1):
-                    hosts.append(f"{prefix}{n:0{width}d}{tails}")
+        tails = expand_hostlist(suffix) if suffix else [""]
+        for part in ranges.split(","):
+            r = _RANGE.match(part.strip())
+            if not r:
+                raise DTrainError(f"cannot parse Slurm node list {nodelist!r}")
+            lo, hi = r.group(1), r.group(2) or r.group(1)
+            width = len(lo)  # keep zero padding: node[001-003]
+            for n in range(int(lo), int(hi) + 1):
+                hosts.extend(f"{prefix}{n:0{width}d}{tail}" for tail in tails)
     return hosts
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
@@ -59,8 +60,16 @@ def build_loop(cfg: Config, ds: DistState, model: torch.nn.Module, total_steps: 
     return Loop(ddp, optimizer, scheduler, precision, ds, cfg.train.grad_accum_steps, cfg.train.grad_clip), infos
 
 
-def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optional[dict[str, float]]:
-    """Run training under whatever launcher started this process; return the final eval."""
+@dataclass
+class RunResult:
+    eval: Optional[dict[str, float]]
+    """The last evaluation (loss, accuracy, samples)."""
+    loop: Loop
+    """The trained loop: model, optimizer, schedule and counters."""
+
+
+def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult:
+    """Run training under whatever launcher started this process."""
     launch = detect_launch(os.environ if environ is None else environ)
     # Checks that need no process group run first, so a bad value fails fast on every rank.
     device = resolve_device(cfg.train.device, launch.local_rank)
@@ -93,10 +102,12 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optional[
                 result = fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, logger, progress)
         finally:
             progress.close()
+        if ds.is_main and cfg.train.save_model:
+            torch.save(loop.module.state_dict(), os.path.join(cfg.output_dir, "model.pt"))
         if ds.is_main and result is not None:
             print(f"dtrain: final eval loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
                   f"on {result['samples']} samples; outputs in {cfg.output_dir}", flush=True)
-        return result
+        return RunResult(result, loop)
 
 
 def _plain(cfg: Config) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""Launcher detection from environment tables: pure functions, no processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtrain.env import LaunchInfo, detect_launch, expand_hostlist, first_host, slurm_port
+from dtrain.errors import DTrainError
+
+TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node0", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "abc", "GROUP_RANK": "1"}
+SRUN = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "123456",
+        "SLURM_NODELIST": "gpu[03-05,9]", "SLURM_STEP_ID": "0"}
+
+
+def test_nothing_set_is_one_process() -> None:
+    info = detect_launch({})
+    assert info == LaunchInfo("single", 0, 0, 1, "127.0.0.1", None) and info.is_main
+
+
+def test_torchrun() -> None:
+    assert detect_launch(TORCHRUN) == LaunchInfo("torchrun", 3, 1, 8, "node0", 29500)
+
+
+def test_accelerate_launch_sets_the_same_variables() -> None:
+    # accelerate launch runs torch's elastic agent, which exports these.
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29501", "TORCHELASTIC_RUN_ID": "none", "ACCELERATE_MIXED_PRECISION": "no"}
+    assert detect_launch(env) == LaunchInfo("torchrun", 0, 0, 2, "127.0.0.1", 29501)
+
+
+def test_torchrun_under_srun_trusts_torchrun() -> None:
+    # `srun torchrun --nproc_per_node=4` on 2 nodes: SLURM_NTASKS=2, WORLD_SIZE=8.
+    info = detect_launch({**TORCHRUN, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"})
+    assert (info.launcher, info.rank, info.world_size) == ("torchrun", 3, 8)
+
+
+def test_plain_env_vars() -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    assert detect_launch(env) == LaunchInfo("env", 1, 1, 2, "h", 1234)
+
+
+def test_srun_step() -> None:
+    info = detect_launch(SRUN)
+    assert info == LaunchInfo("srun", 5, 1, 8, "gpu03", slurm_port(123456))
+
+
+def test_srun_port_is_derived_from_job_id_and_master_port_wins() -> None:
+    a = detect_launch({**SRUN, "SLURM_JOB_ID": "1000"}).master_port
+    b = detect_launch({**SRUN, "SLURM_JOB_ID": "1001"}).master_port
+    assert a != b and 1024 < a < 65536
+    assert detect_launch({**SRUN, "MASTER_PORT": "4000", "MASTER_ADDR": "x"}).master_port == 4000
+
+
+def test_sbatch_script_without_srun_is_one_process() -> None:
+    # The batch step has SLURM_PROCID/SLURM_NTASKS but no SLURM_LOCALID.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7", "SLURM_NODELIST": "a[1-2]"}
+    assert detect_launch(env).launcher == "single"
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({**SRUN, "RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "contradictory"),
+    ({**SRUN, "RANK": "2", "WORLD_SIZE": "8", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "SLURM_PROCID=5"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "outside"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
+    ({**TORCHRUN, "RANK": "x"}, "RANK='x'"),
+    ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_WORLD_SIZE"),
+    ({**SRUN, "SLURM_NODELIST": ""}, "SLURM_NODELIST"),
+])
+def test_contradictions_are_refused(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(DTrainError, match=needle):
+        detect_launch(env)
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node1", ["node1"]),
+    ("host[1-3,5]", ["host1", "host2", "host3", "host5"]),
+    ("gpu[001-003]", ["gpu001", "gpu002", "gpu003"]),
+    ("a[1-2],b7,c[09-10]", ["a1", "a2", "b7", "c09", "c10"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+])
+def test_hostlist_expansion(nodelist: str, hosts: list[str]) -> None:
+    assert expand_hostlist(nodelist) == hosts
+    assert first_host(nodelist) == hosts[0]
+
+
+def test_bad_hostlist() -> None:
+    with pytest.raises(DTrainError, match="node list"):
+        expand_hostlist("a[1-")

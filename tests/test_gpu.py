@@ -1,0 +1,61 @@
+"""GPU-only checks (NCCL, CUDA autocast, fp16 GradScaler). Skipped without CUDA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dtrain.config import load_config
+from dtrain.data import build_datasets, build_loaders
+from dtrain.dist import distributed
+from dtrain.engine import Meter, train_step
+from dtrain.env import LaunchInfo
+from dtrain.models import build_model
+from dtrain.run import build_loop
+from helpers import dtrain, records
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_nccl_one_gpu_trains(tmp_path: Path, precision: str) -> None:
+    out = tmp_path / precision
+    dtrain(1, [f"train.precision={precision}", "train.epochs=10", f"output_dir={out}"],
+           env={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")})
+    runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
+    assert runtime["backend"] == "nccl" and runtime["device"] == "cuda:0"
+    assert runtime["precision"] == precision
+    train = records(out, "train")
+    assert train[-1]["loss"] < train[0]["loss"] and "peak_memory_gb" in train[0]
+    assert records(out, "eval")[-1]["accuracy"] > 0.85
+
+
+@pytest.mark.timeout(120)
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
+    cfg = load_config(None, ["data.name=synthetic", "train.precision=fp16", "optim.momentum=0.0"])
+    with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
+        data = build_datasets(cfg.data, 0, ds)
+        loaders = build_loaders(data, cfg.data, 0, ds)
+        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
+        scaler = loop.precision.scaler
+        assert scaler is not None
+        batch = next(iter(loaders.train))
+        meter = Meter(ds.device)
+        train_step(loop, [batch], len(batch[1]), meter)
+        assert loop.skipped_steps == 0
+        before = {k: v.clone() for k, v in loop.module.state_dict().items()}
+        lr_before = loop.optimizer.param_groups[0]["lr"]
+        # A scale fp16 cannot hold forces inf gradients.
+        scaler.update(new_scale=2.0 ** 120)
+        scale = scaler.get_scale()
+        train_step(loop, [batch], len(batch[1]), meter)
+        assert loop.skipped_steps == 1 and scaler.get_scale() < scale
+        for k, v in loop.module.state_dict().items():
+            assert torch.equal(v, before[k]), k  # the skipped step changed nothing
+        assert loop.scheduler.last_epoch == 1 and loop.optimizer.param_groups[0]["lr"] == lr_before

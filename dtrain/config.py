@@ -7,12 +7,14 @@ choice checks that types cannot express. Every failure becomes a one-line
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dtrain.errors import ConfigError, DTrainError
 
@@ -142,7 +144,7 @@ class LogConfig:
     tensorboard: bool = False
     """Write TensorBoard event files under <output_dir>/tensorboard/."""
     progress: str = "auto"
-    """auto (a bar when stdout is a terminal, lines otherwise) | bar | lines | off."""
+    """auto (a bar when stdout is a terminal, lines otherwise) | bar | lines | none."""
 
 
 @dataclass
@@ -172,11 +174,27 @@ class Config:
     """Allow writing into an output_dir that already holds a run's metrics."""
 
 
-def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
-    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    value = getattr(exc, "value", None)
-    return ConfigError(key, value, first_line)
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "String": "a string", "Boolean": "true | false"}
+
+
+def _omegaconf_error(exc: OmegaConfBaseException) -> DTrainError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, ConfigKeyError) or " not in " in msg:
+        # object_type is the dataclass the key was looked up in (also inside lists).
+        section = getattr(exc, "object_type", None)
+        known = ", ".join(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else "?"
+        return ConfigError(key, None, known, f"unknown config key '{key}'; known keys there: {known}")
+    if not key:
+        return DTrainError(f"invalid config: {msg}")
+    m = re.search(r"converted to (\w+)", msg)
+    if m:
+        allowed = _TYPE_WORDS.get(m.group(1), m.group(1))
+    elif "valid bool" in msg:
+        allowed = "true | false"
+    else:
+        allowed = msg
+    return ConfigError(key, getattr(exc, "value", None), allowed)
 
 
 def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -235,20 +253,34 @@ def validate(cfg: Config) -> None:
     _check(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "a list of integers >= 1")
 
     _choice("optim.name", o.name, OPTIMIZERS)
+    # A setting the chosen optimizer ignores is almost always a mistake (e.g.
+    # momentum=0.95 left over after switching to adam); refuse it rather than
+    # train with something other than what the config says.
+    defaults = OptimConfig()
+    other_keys = ("momentum", "dampening", "nesterov") if o.name != "sgd" else ("betas", "eps")
+    applies_to = "sgd only" if o.name != "sgd" else "adam and adamw only"
+    for name in other_keys:
+        value, default = getattr(o, name), getattr(defaults, name)
+        _check(value == default, f"optim.{name}", value,
+               f"the default {default!r} with optim.name={o.name} (optim.{name} applies to {applies_to})")
     _check(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
     _check(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
-    _check(o.dampening >= 0, "optim.dampening", o.dampening, "a number >= 0")
+    _check(0 <= o.dampening <= 1, "optim.dampening", o.dampening, "a number in [0, 1]")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
     if o.nesterov:
-        _check(o.name == "sgd", "optim.nesterov", o.nesterov, "true only with optim.name=sgd")
         _check(o.momentum > 0 and o.dampening == 0, "optim.nesterov", o.nesterov,
                "true only with optim.momentum > 0 and optim.dampening = 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
            "two numbers in [0, 1)")
     _check(o.eps > 0, "optim.eps", o.eps, "a number > 0")
+    seen: dict[str, int] = {}
     for i, g in enumerate(o.param_groups):
         key = f"optim.param_groups[{i}]"
         _check(bool(g.params), f"{key}.params", g.params, "a non-empty glob over parameter names")
+        # Identical globs always overlap; caught here, before any process starts.
+        _check(g.params not in seen, f"{key}.params", g.params,
+               f"a glob different from optim.param_groups[{seen.get(g.params)}].params")
+        seen[g.params] = i
         _check(g.lr is None or g.lr >= 0, f"{key}.lr", g.lr, "a number >= 0")
         _check(g.weight_decay is None or g.weight_decay >= 0, f"{key}.weight_decay",
                g.weight_decay, "a number >= 0")
@@ -272,7 +304,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "an integer >= 1")
 
     _check(lg.every_steps >= 1, "log.every_steps", lg.every_steps, "an integer >= 1")
-    _choice("log.progress", lg.progress, ("auto", "bar", "lines", "off"))
+    _choice("log.progress", lg.progress, ("auto", "bar", "lines", "none"))
 
     f = cfg.lr_find
     _check(f.start_lr > 0, "lr_find.start_lr", f.start_lr, "a number > 0")

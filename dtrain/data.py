@@ -67,12 +67,12 @@ def build_datasets(cfg: DataConfig, seed: int, dist_state: DistState) -> Dataset
         return digits()
     if cfg.name == "synthetic":
         return synthetic(cfg, seed)
-    from dtrain.vision import vision_datasets  # torchvision is an optional extra
+    from dtrain.vision import download_files, vision_datasets  # torchvision is an optional extra
 
     if cfg.download:
-        # Rank 0 downloads while the others wait, so they never read half-written files.
-        dist_state.run_on_main(lambda: vision_datasets(cfg.name, cfg.root, download=True))
-        dist_state.barrier()
+        # Rank 0 downloads while the others wait, so they never read half-written
+        # files; on several nodes, data.root must be shared storage.
+        dist_state.run_on_main(lambda: download_files(cfg.name, cfg.root))
     return vision_datasets(cfg.name, cfg.root, download=False)
 
 

@@ -13,6 +13,6 @@ class DTrainError(Exception):
 class ConfigError(DTrainError):
     """A config value is unknown, of the wrong type or out of range."""
 
-    def __init__(self, key: str, value: object, allowed: str) -> None:
+    def __init__(self, key: str, value: object, allowed: str, message: str = "") -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config key '{key}' has value {value!r}; allowed: {allowed}")
+        super().__init__(message or f"config key '{key}' has value {value!r}; allowed: {allowed}")

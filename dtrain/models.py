@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from typing import Callable, Sequence
 
@@ -24,6 +25,10 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1
     return nn.Sequential(*layers)
 
 
+# Each of the CNN's three 2x2 max-pools halves the side; below 8 one of them gets an empty input.
+CNN_MIN_SIDE = 8
+
+
 def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """The small CIFAR CNN: three conv5x5+ReLU+maxpool blocks, flatten, 1024 -> 64 -> classes.
 
@@ -42,16 +47,34 @@ def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     return nn.Sequential(features, nn.Linear(flat, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
 
+def _name_error(path: str, why: str) -> DTrainError:
+    return DTrainError(f"config key 'model.name' has value {path!r}; {why}")
+
+
 def load_factory(path: str) -> Callable[..., nn.Module]:
+    """Resolve 'package.module:function' (the function may be a dotted attribute path)."""
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise _name_error(path, "allowed: mlp | cnn | a factory 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise DTrainError(f"config key 'model.name' has value {path!r}; cannot import {module_name!r}: {exc}") from None
-    fn = getattr(module, attr, None)
+        # ImportError only: an error raised by the user's module while it runs is a
+        # bug in that module, and its traceback is what the user needs.
+        raise _name_error(path, f"cannot import {module_name!r}: {' '.join(str(exc).split())}") from None
+    fn: object = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
     if not callable(fn):
-        raise DTrainError(f"config key 'model.name' has value {path!r}; {module_name} has no callable {attr!r}")
-    return fn
+        raise _name_error(path, f"{module_name} has no callable {attr!r}")
+    try:
+        inspect.signature(fn).bind(input_shape=(1,), num_classes=2)
+    except TypeError:
+        raise _name_error(path, f"{attr} must accept the keyword arguments input_shape and num_classes") \
+            from None
+    except ValueError:  # no signature to inspect (some builtins): let the call decide
+        pass
+    return fn  # type: ignore[return-value]
 
 
 def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -59,10 +82,13 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
         return mlp(input_shape, num_classes, cfg.hidden)
     if cfg.name == "cnn":
         if len(input_shape) != 3:
-            raise DTrainError(f"config key 'model.name' has value 'cnn'; allowed: image data (C,H,W), "
-                              f"got input shape {tuple(input_shape)}; use model.name=mlp")
+            raise _name_error("cnn", f"allowed: image data (C,H,W), got input shape {tuple(input_shape)}; "
+                                     "use model.name=mlp")
+        if min(input_shape[1:]) < CNN_MIN_SIDE:
+            raise _name_error("cnn", f"allowed: images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} "
+                                     f"(three 2x2 poolings), got input shape {tuple(input_shape)}")
         return cnn(input_shape, num_classes)
     model = load_factory(cfg.name)(input_shape=tuple(input_shape), num_classes=num_classes)
     if not isinstance(model, nn.Module):
-        raise DTrainError(f"model factory {cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise _name_error(cfg.name, f"the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -29,18 +29,20 @@ class Progress:
     def __init__(self, mode: str, total_steps: int, enabled: bool) -> None:
         if mode == "auto":
             mode = "bar" if sys.stdout.isatty() else "lines"
-        self.mode = mode if enabled else "off"
+        self.mode = mode if enabled else "none"
         self.total = total_steps
         self.start = time.perf_counter()
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            # On stdout, the stream whose isatty() chose the bar (tqdm's default is
+            # stderr, which may be a file while stdout is the terminal).
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stdout)
 
     def print(self, text: str) -> None:
         """A message that does not break the bar; rank 0 only (callers gate on is_main)."""
-        if self.mode == "off":
+        if self.mode == "none":
             return
         if self.bar is not None:
             self.bar.write(text)
@@ -53,7 +55,7 @@ class Progress:
             self.bar.set_description(f"epoch {epoch}", refresh=False)
 
     def show(self, record: Record) -> None:
-        if self.mode == "off":
+        if self.mode == "none":
             return
         if self.bar is not None:
             if record.split == "train":

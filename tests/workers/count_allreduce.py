@@ -52,7 +52,7 @@ def main() -> None:
         loop.model.register_comm_hook(counter, counting_hook)
         plan = FitPlan(1, None, 1000, cfg.data.batch_size)
         fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, MultiLogger([NullLogger()]),
-            Progress("off", per_epoch, False))
+            Progress("none", per_epoch, False))
         steps, rounds = loop.step, counter.rounds
 
         # Control: the same micro-steps without no_sync must reduce on every backward.

@@ -214,6 +214,9 @@ def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc) from None
+    except TypeError as exc:  # OmegaConf raises it for e.g. optim.param_groups.0.lr=1 on an empty list
+        raise DTrainError(f"invalid config override: {str(exc).splitlines()[0]} (lists are replaced whole, "
+                          "e.g. 'optim.param_groups=[{params: \"1.*\", lr: 0.01}]')") from None
     assert isinstance(cfg, Config)  # to_object of a structured Config; for the type checker
     validate(cfg)
     return cfg

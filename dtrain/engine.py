@@ -134,11 +134,23 @@ class Timer:
         self.start, self.data, self.steps = time.perf_counter(), 0.0, 0
 
 
-def _timed_next(it: Iterator, timer: Timer) -> Any:
-    t = time.perf_counter()
-    batch = next(it)
-    timer.data += time.perf_counter() - t
-    return batch
+def epoch_windows(loader: DataLoader, sampler: DistributedSampler, batch_size: int, k: int,
+                  timer: Optional[Timer] = None) -> Iterator[tuple[list[Any], int]]:
+    """One epoch as (micro-batches, samples in the window on this rank) per optimizer step.
+
+    The window sizes come from the sampler's length, so the loss scale of a
+    short last window is known before its batches are read.
+    """
+    batches_left = len(loader)
+    it = iter(loader)
+    for window in window_sizes(len(sampler), batch_size, batches_left, k):
+        n_micro = min(k, batches_left)
+        batches_left -= n_micro
+        t = time.perf_counter()
+        micro = [next(it) for _ in range(n_micro)]
+        if timer is not None:
+            timer.data += time.perf_counter() - t
+        yield micro, window
 
 
 def train_step(loop: Loop, micro_batches: list[Any], window_samples: int, meter: Meter) -> Optional[torch.Tensor]:
@@ -244,12 +256,7 @@ def fit(loop: Loop, train_loader: DataLoader, sampler: DistributedSampler, eval_
 
     while not done():
         sampler.set_epoch(loop.epoch)  # a new shuffle each epoch, the same on every rank
-        batches_left = len(train_loader)
-        it = iter(train_loader)
-        for window in window_sizes(len(sampler), plan.batch_size, batches_left, k):
-            n_micro = min(k, batches_left)
-            batches_left -= n_micro
-            micro = [_timed_next(it, timer) for _ in range(n_micro)]
+        for micro, window in epoch_windows(train_loader, sampler, plan.batch_size, k, timer):
             lr = loop.optimizer.param_groups[0]["lr"]  # the lr this step uses
             grad_norm = train_step(loop, micro, window, meter)
             timer.steps += 1
@@ -261,6 +268,7 @@ def fit(loop: Loop, train_loader: DataLoader, sampler: DistributedSampler, eval_
         final = loop.epoch + 1 >= plan.epochs or (plan.max_steps is not None and loop.step >= plan.max_steps)
         if final and timer.steps > 0:
             log_window()  # the partial logging window at the very end
+        paused = time.perf_counter()
         epoch_sum, epoch_count = meter.take(1, loop.dist)
         logger.log(Record("train_epoch", loop.step, loop.epoch + 1,
                           {"loss": epoch_sum / epoch_count, "samples": int(epoch_count)}))
@@ -268,5 +276,8 @@ def fit(loop: Loop, train_loader: DataLoader, sampler: DistributedSampler, eval_
         record = Record("eval", loop.step, loop.epoch + 1, result)
         logger.log(record)
         progress.show(record)
+        # A window that spans the epoch end must not count the eval as train
+        # time, or its samples_per_s and step_time_s would drop at every epoch.
+        timer.start += time.perf_counter() - paused
         loop.epoch += 1
     return result

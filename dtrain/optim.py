@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from dtrain.config import OptimConfig, SchedConfig
-from dtrain.errors import ConfigError, DTrainError
+from dtrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,18 @@ def param_groups(cfg: OptimConfig, model: nn.Module) -> tuple[list[dict], list[G
             continue
         hits = [i for i, g in enumerate(cfg.param_groups) if fnmatch.fnmatchcase(name, g.params)]
         if len(hits) > 1:
-            pats = ", ".join(repr(cfg.param_groups[i].params) for i in hits)
-            raise DTrainError(f"parameter {name!r} is matched by several optim.param_groups: {pats}; "
-                              "make the globs disjoint")
+            # Silently picking the first match would hide a typo in the second glob.
+            first, second = hits[0], hits[1]
+            raise ConfigError(f"optim.param_groups[{second}].params", cfg.param_groups[second].params,
+                              f"a glob disjoint from the other groups' (parameter {name!r} is also "
+                              f"matched by optim.param_groups[{first}].params="
+                              f"{cfg.param_groups[first].params!r})")
         buckets[hits[0] + 1 if hits else 0].append((name, param))
     for i, g in enumerate(cfg.param_groups):
         if not buckets[i + 1]:
-            names = ", ".join(n for n, _ in model.named_parameters())
+            names = ", ".join(n for n, p in model.named_parameters() if p.requires_grad)
             raise ConfigError(f"optim.param_groups[{i}].params", g.params,
-                              f"a glob matching at least one parameter of: {names}")
+                              f"a glob matching at least one trainable parameter of: {names}")
 
     torch_groups: list[dict] = []
     infos: list[GroupInfo] = []
@@ -88,18 +91,22 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> tuple[torch.optim.Opt
 def lr_multiplier(cfg: SchedConfig, base_lr: float, total_steps: int) -> Callable[[int], float]:
     """The factor on each group's lr for the optimizer step with 0-based index i.
 
-    Warm-up reaches the full lr on step `warmup_steps` (not one step later);
-    the decay then runs over the remaining steps down to min_lr (as a fraction
-    of optim.lr, so groups with other lrs decay in proportion).
+    Warm-up rises linearly, (i + 1) / warmup_steps, so the first step already
+    moves the weights and step index warmup_steps - 1 is the first at the full
+    lr. The decay's clock starts at that peak step: step and cosine/linear
+    count from it, and cosine/linear reach min_lr exactly on the last step
+    (index total_steps - 1). min_lr is a fraction of optim.lr, so groups with
+    other lrs decay in proportion.
     """
     warm = cfg.warmup_steps
     floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
-    decay_steps = max(1, total_steps - warm - 1)
+    peak = max(warm - 1, 0)
+    decay_steps = max(1, total_steps - 1 - peak)
 
     def factor(i: int) -> float:
         if i < warm:
             return (i + 1) / warm
-        t = i - warm
+        t = i - peak
         if cfg.name == "constant":
             return 1.0
         if cfg.name == "step":

@@ -16,6 +16,7 @@ from dtrain.engine import FitPlan, Loop, fit, steps_per_epoch
 from dtrain.env import detect_launch
 from dtrain.errors import DTrainError
 from dtrain.loggers import open_loggers
+from dtrain.loggers.base import require_logger_extras
 from dtrain.models import build_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision
@@ -54,8 +55,9 @@ def build_loop(cfg: Config, ds: DistState, model: torch.nn.Module, total_steps: 
     """Wrap `model` in DDP and attach optimizer, schedule and precision."""
     precision = build_precision(precision_name or cfg.train.precision, ds.device)
     model = model.to(ds.device)
-    ddp = DDP(model, device_ids=[ds.device.index] if ds.device.type == "cuda" else None)
+    # Parameter-group errors surface before DDP's first broadcast of the weights.
     optimizer, infos = build_optimizer(cfg.optim, model)
+    ddp = DDP(model, device_ids=[ds.device.index] if ds.device.type == "cuda" else None)
     scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total_steps)
     return Loop(ddp, optimizer, scheduler, precision, ds, cfg.train.grad_accum_steps, cfg.train.grad_clip), infos
 
@@ -75,6 +77,8 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult
     device = resolve_device(cfg.train.device, launch.local_rank)
     backend = resolve_backend(cfg.dist.backend, device)
     build_precision(cfg.train.precision, device)
+    if launch.rank == 0:
+        require_logger_extras(cfg.log)  # only rank 0 logs, so only it needs the packages
 
     with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
         ds.run_on_main(lambda: prepare_output_dir(cfg.output_dir, cfg.overwrite))

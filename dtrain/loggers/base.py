@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Optional, Protocol
 
 # How a record's fields are named on the dashboards (W&B, TensorBoard):
@@ -52,12 +56,55 @@ class NullLogger:
         pass
 
 
+class _TerminationGuard:
+    """Turns SIGTERM into SystemExit while loggers are open, and holds it off while they close.
+
+    torchrun stops the surviving ranks with SIGTERM when one rank fails, and
+    Slurm does the same at a time limit or preemption. Python's default action
+    kills the process on the spot, so rank 0 would leave a W&B run that never
+    finishes, and any TensorBoard events still in the writer's queue unwritten. Raising
+    instead unwinds the training loop through MultiLogger.__exit__; a SIGTERM
+    that lands during the close itself is held until the close is done
+    (torchrun and Slurm wait about 30 s before SIGKILL).
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._installed = False
+        self._closing = False
+        self.deferred = False
+
+    def install(self) -> None:
+        # signal.signal only works in the main thread; elsewhere keep the default.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+
+    def closing(self) -> None:
+        self._closing = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            # None: a handler set outside Python; the default is the closest we can restore.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self._closing:
+            self.deferred = True
+            return
+        print("dtrain: received SIGTERM; closing the loggers before exiting", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+
 class MultiLogger:
     """Fans records out; closes every logger exactly once, even if one close fails."""
 
     def __init__(self, loggers: list[Logger]) -> None:
         self.loggers = loggers
         self._closed = False
+        self._guard: Optional[_TerminationGuard] = None
 
     def log(self, record: Record) -> None:
         for lg in self.loggers:
@@ -68,7 +115,10 @@ class MultiLogger:
             return
         self._closed = True
         errors: list[BaseException] = []
-        for lg in reversed(self.loggers):
+        # Opening order, not reverse: the local files (metrics.jsonl, the
+        # TensorBoard events) close in milliseconds, while W&B's finish may
+        # upload for a while; a SIGKILL during that must not cost the files.
+        for lg in self.loggers:
             try:
                 if failed and hasattr(lg, "fail"):
                     lg.fail()
@@ -80,10 +130,47 @@ class MultiLogger:
             raise errors[0]
 
     def __enter__(self) -> "MultiLogger":
+        if not all(isinstance(lg, NullLogger) for lg in self.loggers):
+            self._guard = _TerminationGuard()
+            self._guard.install()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.close(failed=exc_type is not None)
+        guard = self._guard
+        if guard is not None:
+            guard.closing()
+        try:
+            self.close(failed=exc_type is not None)
+        finally:
+            if guard is not None:
+                guard.uninstall()
+        if guard is not None and guard.deferred and exc_type is None:
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+LOGGER_EXTRAS = (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb"))
+"""(log config flag, module, pip extra) of each optional logger."""
+
+
+def require_logger_extras(log_cfg: Any) -> None:
+    """Fail with the one-line install hint if an enabled logger's package is missing.
+
+    Meant for rank 0 before the process group exists: the other ranks are
+    then still waiting to rendezvous, and the launcher just stops them,
+    instead of them crashing mid-collective when rank 0 leaves. Only a spec
+    lookup, so it costs nothing when the packages are there.
+    """
+    import importlib.util
+
+    from dtrain.errors import DTrainError
+
+    for flag, module, extra in LOGGER_EXTRAS:
+        if getattr(log_cfg, flag) and importlib.util.find_spec(module) is None:
+            raise DTrainError(_missing(module, extra))
+
+
+def _missing(module: str, extra: str) -> str:
+    return f"{module} is not installed; pip install 'dtrain[{extra}]'"
 
 
 def open_loggers(is_main: bool, output_dir: str, log_cfg: Any, config: dict[str, Any]) -> MultiLogger:
@@ -92,21 +179,29 @@ def open_loggers(is_main: bool, output_dir: str, log_cfg: Any, config: dict[str,
         return MultiLogger([NullLogger()])
     from dtrain.loggers.jsonl import JsonlLogger
 
+    # What is likeliest to fail (a missing extra, W&B without an account or
+    # network) goes before metrics.jsonl exists, so that the rerun after the
+    # fix is not refused as overwriting an earlier run.
+    for flag, module, extra in LOGGER_EXTRAS:
+        if getattr(log_cfg, flag):
+            optional_import(module, extra)
+    remote: list[Logger] = []
     loggers: list[Logger] = []
     try:
+        if log_cfg.wandb:
+            from dtrain.loggers.wandb import WandbLogger
+
+            remote.append(WandbLogger(log_cfg, config, output_dir))
         loggers.append(JsonlLogger(os.path.join(output_dir, "metrics.jsonl")))
         if log_cfg.tensorboard:
             from dtrain.loggers.tensorboard import TensorBoardLogger
 
             loggers.append(TensorBoardLogger(os.path.join(output_dir, "tensorboard")))
-        if log_cfg.wandb:
-            from dtrain.loggers.wandb import WandbLogger
-
-            loggers.append(WandbLogger(log_cfg, config, output_dir))
     except BaseException:
-        MultiLogger(loggers).close(failed=True)
+        MultiLogger(loggers + remote).close(failed=True)
         raise
-    return MultiLogger(loggers)
+    # Local files first in the list, which is also the closing order.
+    return MultiLogger(loggers + remote)
 
 
 def optional_import(module: str, extra: str) -> Any:
@@ -117,4 +212,4 @@ def optional_import(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DTrainError(f"{module} is not installed; pip install 'dtrain[{extra}]'") from None
+        raise DTrainError(_missing(module, extra)) from None

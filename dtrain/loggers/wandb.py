@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dtrain.errors import DTrainError
 from dtrain.loggers.base import Record, optional_import
 
 
@@ -22,7 +23,13 @@ class WandbLogger:
             kwargs["tags"] = list(log_cfg.tags)
         if "WANDB_DIR" not in os.environ:
             kwargs["dir"] = output_dir
-        self.run = wandb.init(**kwargs)
+        try:
+            self.run = wandb.init(**kwargs)
+        except wandb.errors.Error as exc:
+            # e.g. no API key: a setup problem the user fixes, so one line, not a traceback.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DTrainError(f"W&B could not start a run: {first} (WANDB_MODE=offline logs without an "
+                              "account; `wandb sync` uploads later)") from None
 
     def log(self, record: Record) -> None:
         # W&B's step is the optimizer step; records of one step (the last

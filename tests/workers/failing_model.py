@@ -1,4 +1,4 @@
-"""A model factory for `model.name=workers.failing_model:build` whose forward fails on purpose.
+"""A model factory for `model.name=tests.workers.failing_model:build` whose forward fails on purpose.
 
 Tests use it to check what a run leaves behind when training raises part-way:
 metrics.jsonl keeps its records, TensorBoard's event file is complete and the

@@ -82,26 +82,32 @@ class Loop:
 
 @dataclass
 class Meter:
-    """Sums of per-sample losses and sample counts, kept on the device.
+    """Sums of per-sample losses (on the device) and sample counts (on the host).
 
-    Row 0 is the logging window, row 1 the epoch; both stay device tensors
-    until a logging step reads them, so adding to them never syncs the host.
+    Index 0 is the logging window, 1 the epoch. The loss sums stay a device
+    tensor until a logging step reads them, so adding never syncs the host;
+    one in-place add per micro-step serves both. Counts are host integers
+    already, so they cost nothing until they join the logging step's collective.
     """
 
     device: torch.device
-    sums: torch.Tensor = field(init=False)
+    loss_sums: torch.Tensor = field(init=False)
+    counts: list[int] = field(default_factory=lambda: [0, 0])
 
     def __post_init__(self) -> None:
-        self.sums = torch.zeros(2, 2, dtype=torch.float64, device=self.device)
+        self.loss_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def add(self, loss_sum: torch.Tensor, count: int) -> None:
-        self.sums[:, 0] += loss_sum.detach()
-        self.sums[:, 1] += count
+        self.loss_sums += loss_sum.detach()
+        self.counts[0] += count
+        self.counts[1] += count
 
     def take(self, row: int, dist_state: DistState, extra: Optional[torch.Tensor] = None) -> list[float]:
-        """All-reduce one row (one collective), reset it, return [loss_sum, count, *extra]."""
-        totals = dist_state.all_reduce_sum(self.sums[row].clone())
-        self.sums[row].zero_()
+        """All-reduce one row's [loss_sum, count] (one collective), reset it, return [loss_sum, count, *extra]."""
+        count = torch.tensor([float(self.counts[row])], dtype=torch.float64, device=self.device)
+        totals = dist_state.all_reduce_sum(torch.cat([self.loss_sums[row:row + 1], count]))
+        self.loss_sums[row].zero_()
+        self.counts[row] = 0
         if extra is not None:
             totals = torch.cat([totals, extra.detach().to(totals)])
         return totals.tolist()

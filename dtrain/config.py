@@ -222,12 +222,16 @@ def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()
     return cfg
 
 
-def to_yaml(cfg: Config, extra: Optional[dict[str, Any]] = None) -> str:
+def to_dict(cfg: Config, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Plain nested dicts and lists, e.g. for W&B's run config; `extra` adds top-level sections."""
     container = OmegaConf.to_container(OmegaConf.structured(cfg))
-    assert isinstance(container, dict)
-    if extra:
-        container.update(extra)
-    return OmegaConf.to_yaml(container)
+    if not isinstance(container, dict):  # cannot happen for a dataclass; narrows the type
+        raise TypeError(type(container))
+    return {**{str(k): v for k, v in container.items()}, **(extra or {})}
+
+
+def to_yaml(cfg: Config, extra: Optional[dict[str, Any]] = None) -> str:
+    return OmegaConf.to_yaml(to_dict(cfg, extra))
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:

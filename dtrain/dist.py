@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,25 +41,33 @@ class DistState:
         if self.world_size > 1:
             dist.barrier()
 
-    def run_on_main(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on rank 0 only; every rank returns its result or raises its error.
+    def run_on_main(self, fn: Callable[[], Any], share_result: bool = True) -> Any:
+        """Run `fn` on rank 0 only; every rank gets its result (or None) or raises its error.
 
-        Without this, a check that fails on rank 0 alone (e.g. an output
-        directory that already holds a run) leaves the other ranks waiting in
-        their next collective until the timeout.
+        Without this, a step that fails on rank 0 alone (an output directory
+        that already holds a run, a logger that cannot start) leaves the other
+        ranks waiting in their next collective until the timeout. Rank 0
+        re-raises its own exception; the others raise a DTrainError saying it.
+        `share_result=False` keeps an unpicklable result (an open logger) on rank 0.
         """
-        result: list[Any] = [None, None]
+        payload: list[Any] = [None, None]
+        result: Any = None
+        error: Optional[BaseException] = None
         if self.is_main:
             try:
-                result[0] = fn()
-            except DTrainError as exc:
-                result[1] = str(exc)
+                result = fn()
+            except Exception as exc:
+                error = exc
+                payload[1] = str(exc) if isinstance(exc, DTrainError) else f"rank 0 failed: {type(exc).__name__}: {exc}"
+            if share_result:
+                payload[0] = result
         if self.world_size > 1:
-            dist.broadcast_object_list(result, src=0)
-        if result[1] is not None:
-            raise DTrainError(result[1])
-        return result[0]
-
+            dist.broadcast_object_list(payload, src=0)
+        if error is not None:
+            raise error
+        if payload[1] is not None:
+            raise DTrainError(payload[1])
+        return result if self.is_main else payload[0]
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):

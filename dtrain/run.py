@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtrain.config import Config, to_yaml
+from dtrain.config import Config, to_dict, to_yaml
 from dtrain.data import build_datasets, build_loaders
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, Loop, fit, steps_per_epoch
@@ -100,9 +100,14 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult
             progress.print(_groups_text(infos))
             progress.print(f"dtrain: {len(data.train)} train / {len(data.eval)} eval samples, "
                            f"{per_epoch} steps per epoch, {total} steps in all")
-        full_config = {**_plain(cfg), "runtime": runtime}
+        # Opened under run_on_main: a logger that cannot start on rank 0 (no W&B
+        # account, say) stops every rank now instead of hanging them in fit().
+        logger = ds.run_on_main(lambda: open_loggers(True, cfg.output_dir, cfg.log,
+                                                     to_dict(cfg, {"runtime": runtime})), share_result=False)
+        if not ds.is_main:
+            logger = open_loggers(False, cfg.output_dir, cfg.log, {})
         try:
-            with open_loggers(ds.is_main, cfg.output_dir, cfg.log, full_config) as logger:
+            with logger:
                 result = fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, logger, progress)
         finally:
             progress.close()
@@ -113,10 +118,3 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult
                   f"on {result['samples']} samples; outputs in {cfg.output_dir}", flush=True)
         return RunResult(result, loop)
 
-
-def _plain(cfg: Config) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    container = OmegaConf.to_container(OmegaConf.structured(cfg))
-    assert isinstance(container, dict)
-    return container  # type: ignore[return-value]

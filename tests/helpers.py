@@ -64,6 +64,46 @@ def dtrain(nproc: int, overrides: Sequence[str], timeout: float = DEFAULT_TIMEOU
     return result
 
 
+def free_port() -> int:
+    """A port the OS just handed out (and released); the tiny reuse race beats a fixed port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def srun_like(nproc: int, overrides: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
+              env: Optional[dict[str, str]] = None) -> list[subprocess.CompletedProcess]:
+    """Start `python -m dtrain` nproc times with the variables `srun` gives each task, no torchrun.
+
+    Ranks run concurrently, each in its own session; on timeout all are killed.
+    """
+    import time
+
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        task_env = {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(nproc),
+                    "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost", "SLURM_STEP_ID": "0",
+                    "MASTER_PORT": str(port), **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "dtrain", *overrides], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=child_env(task_env), cwd=REPO,
+                                      start_new_session=True))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"srun-like job timed out after {timeout}s")
+    return results
+
+
 def worker(nproc: int, script: str, args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run tests/workers/<script> under torchrun."""

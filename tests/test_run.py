@@ -13,7 +13,7 @@ import yaml
 from dtrain.config import load_config
 from dtrain.errors import DTrainError
 from dtrain.run import train
-from helpers import REPO, records, run
+from helpers import REPO, records, run, srun_like
 
 
 @pytest.mark.multiproc
@@ -60,3 +60,36 @@ def test_second_run_into_same_dir_is_refused_and_keeps_the_first(tmp_path: Path)
         train(cfg, environ={})
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     assert not dist.is_initialized()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_srun_style_launch_trains_like_torchrun(tmp_path: Path) -> None:
+    """Two tasks started with srun's variables only (no torchrun): rank/port come from SLURM_*."""
+    out = tmp_path / "run"
+    results = srun_like(2, ["data.name=synthetic", "train.epochs=1", "log.every_steps=4", f"output_dir={out}"])
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
+    assert runtime["launcher"] == "srun" and runtime["world_size"] == 2
+    assert results[0].stdout.count("final eval") == 1 and "final eval" not in results[1].stdout
+    assert records(out, "eval")[-1]["samples"] == 200
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_rank0_setup_failure_stops_every_rank_without_waiting_for_the_timeout(tmp_path: Path) -> None:
+    """W&B cannot start on rank 0: without a launcher to kill rank 1, it must learn it and exit.
+
+    dist.timeout_s=300 would be the wait if rank 1 went on into its first collective.
+    """
+    import time
+
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path / "home"),
+           "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_DIR": str(tmp_path)}
+    start = time.monotonic()
+    results = srun_like(2, ["data.name=synthetic", "log.wandb=true", "dist.timeout_s=300",
+                            f"output_dir={tmp_path}/run"], env=env, timeout=100)
+    assert time.monotonic() - start < 90
+    assert [r.returncode for r in results] == [2, 2]
+    assert results[0].stderr.strip().startswith("dtrain: error: W&B could not start a run")
+    assert results[1].stderr.strip().startswith("dtrain: error (rank 1): W&B could not start a run")

@@ -73,7 +73,7 @@ def build_datasets(cfg: DataConfig, seed: int, dist_state: DistState) -> Dataset
         # Rank 0 downloads while the others wait, so they never read half-written
         # files; on several nodes, data.root must be shared storage.
         dist_state.run_on_main(lambda: download_files(cfg.name, cfg.root))
-    return vision_datasets(cfg.name, cfg.root, download=False)
+    return vision_datasets(cfg.name, cfg.root)
 
 
 class ShardSampler(Sampler[int]):

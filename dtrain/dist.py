@@ -37,10 +37,6 @@ class DistState:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
     def run_on_main(self, fn: Callable[[], Any], share_result: bool = True) -> Any:
         """Run `fn` on rank 0 only; every rank gets its result (or None) or raises its error.
 
@@ -56,7 +52,7 @@ class DistState:
         if self.is_main:
             try:
                 result = fn()
-            except Exception as exc:
+            except BaseException as exc:  # Ctrl-C on rank 0 must not leave the others in the broadcast
                 error = exc
                 payload[1] = str(exc) if isinstance(exc, DTrainError) else f"rank 0 failed: {type(exc).__name__}: {exc}"
             if share_result:
@@ -69,12 +65,17 @@ class DistState:
             raise DTrainError(payload[1])
         return result if self.is_main else payload[0]
 
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DTrainError("config key 'train.device' has value 'cuda'; allowed: auto | cpu (no CUDA device is visible)")
     count = torch.cuda.device_count()
+    if count == 1:
+        # One GPU visible per task (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set
+        # per rank): whatever this task's local rank, that GPU is its own.
+        return torch.device("cuda", 0)
     if local_rank >= count:
         raise DTrainError(f"local rank {local_rank} has no GPU: only {count} visible on this node; "
                           "start at most one process per GPU")

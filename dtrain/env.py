@@ -39,10 +39,6 @@ class LaunchInfo:
     master_port: Optional[int]
     """None for a single process, which needs no rendezvous."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _int(env: Mapping[str, str], key: str) -> int:
     raw = env.get(key)
@@ -64,8 +60,6 @@ def _check_ranks(launcher: str, rank: int, local_rank: int, world_size: int) -> 
 
 
 class TorchElastic:
-    name = "torchrun"
-
     @staticmethod
     def detect(env: Mapping[str, str]) -> bool:
         return "TORCHELASTIC_RUN_ID" in env or "GROUP_RANK" in env
@@ -82,8 +76,6 @@ class TorchElastic:
 
 
 class EnvVars:
-    name = "env"
-
     @staticmethod
     def detect(env: Mapping[str, str]) -> bool:
         return "RANK" in env or "WORLD_SIZE" in env
@@ -109,8 +101,6 @@ class EnvVars:
 
 
 class SlurmStep:
-    name = "srun"
-
     @staticmethod
     def detect(env: Mapping[str, str]) -> bool:
         # SLURM_LOCALID is set by srun for each task, not in the batch script
@@ -132,13 +122,12 @@ class SlurmStep:
         if env.get("MASTER_PORT"):
             port = _int(env, "MASTER_PORT")
         else:
-            port = slurm_port(_int(env, "SLURM_JOB_ID"))
+            step = _int(env, "SLURM_STEP_ID") if env.get("SLURM_STEP_ID", "").isdigit() else 0
+            port = slurm_port(_int(env, "SLURM_JOB_ID"), step)
         return LaunchInfo("srun", rank, local_rank, world, addr, port)
 
 
 class Single:
-    name = "single"
-
     @staticmethod
     def detect(env: Mapping[str, str]) -> bool:
         return True
@@ -159,9 +148,10 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
     raise AssertionError("Single always detects")  # pragma: no cover
 
 
-def slurm_port(job_id: int) -> int:
-    """A port every task of the job derives alike, spread so concurrent jobs differ."""
-    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+def slurm_port(job_id: int, step_id: int = 0) -> int:
+    """A port every task of the step derives alike, spread so that concurrent jobs, and
+    concurrent steps of one allocation (`srun ... &` sweeps), differ."""
+    return SLURM_PORT_BASE + (job_id * 97 + step_id) % SLURM_PORT_SPAN
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -169,21 +159,30 @@ _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 def expand_hostlist(nodelist: str) -> list[str]:
     """Expand Slurm's compressed host list: 'a[01-03,7],b' -> ['a01','a02','a03','a7','b']."""
+    try:
+        return _expand(nodelist)
+    except ValueError:
+        raise DTrainError(f"cannot parse Slurm node list {nodelist!r}") from None
+
+
+def _expand(nodelist: str) -> list[str]:
     hosts: list[str] = []
     for item in _split_top_level(nodelist):
         m = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", item)
         if not m:
             if "[" in item or "]" in item:
-                raise DTrainError(f"cannot parse Slurm node list {nodelist!r}")
+                raise ValueError(nodelist)
             hosts.append(item)
             continue
         prefix, ranges, suffix = m.groups()
-        tails = expand_hostlist(suffix) if suffix else [""]
+        tails = _expand(suffix) if suffix else [""]
         for part in ranges.split(","):
             r = _RANGE.match(part.strip())
             if not r:
-                raise DTrainError(f"cannot parse Slurm node list {nodelist!r}")
+                raise ValueError(nodelist)
             lo, hi = r.group(1), r.group(2) or r.group(1)
+            if int(hi) < int(lo):
+                raise ValueError(part)
             width = len(lo)  # keep zero padding: node[001-003]
             for n in range(int(lo), int(hi) + 1):
                 hosts.extend(f"{prefix}{n:0{width}d}{tail}" for tail in tails)

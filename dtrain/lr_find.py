@@ -24,19 +24,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dtrain.cli import run_cli
 from dtrain.config import Config, LRFindConfig, SchedConfig, to_yaml
-from dtrain.data import build_datasets, build_loaders
-from dtrain.dist import distributed, resolve_backend, resolve_device
 from dtrain.engine import Loop, Meter, epoch_windows, train_step
-from dtrain.env import detect_launch
 from dtrain.errors import ConfigError, DTrainError
-from dtrain.models import build_model
-from dtrain.precision import build_precision
-from dtrain.run import build_loop, runtime_summary
+from dtrain.run import session
 
 PROG = "dtrain.lr_find"
 SUBDIR = "lr_find"
@@ -250,31 +244,20 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
     if cfg.optim.lr <= 0:
         # Group lrs are scaled relative to optim.lr; 0 would leave nothing to scale.
         raise ConfigError("optim.lr", cfg.optim.lr, "a number > 0 for lr_find (it sets the lr scale of the groups)")
-    launch = detect_launch(os.environ if environ is None else environ)
-    device = resolve_device(cfg.train.device, launch.local_rank)
-    resolve_backend(cfg.dist.backend, device)
-    build_precision(cfg.train.precision, device)
     # The test's own lr replaces the schedule: a warm-up would bend the exponential ramp.
     run_cfg = dataclasses.replace(cfg, sched=SchedConfig(name="constant", warmup_steps=0))
     f = cfg.lr_find
-
-    with distributed(launch, cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s) as ds:
-        ds.run_on_main(lambda: prepare(output_dir(cfg), cfg.overwrite))
-        # Same order as dtrain.run.train, so the weights are those a training run starts from.
-        torch.manual_seed(cfg.train.seed)
-        data = build_datasets(cfg.data, cfg.train.seed, ds)
-        loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
-        model = build_model(cfg.model, data.input_shape, data.num_classes)
-        loop, _ = build_loop(run_cfg, ds, model, f.num_steps)
-        runtime = runtime_summary(cfg, ds, loop.precision.name)
+    # The same set-up as `dtrain.run.train`, so the weights and batches are those a training run starts with.
+    with session(run_cfg, environ, lambda: prepare(output_dir(cfg), cfg.overwrite), total_steps=f.num_steps) as run:
+        ds, loaders = run.ds, run.loaders
         if ds.is_main:
             print(f"{PROG}: lr {f.start_lr:g} -> {f.end_lr:g} over {f.num_steps} steps, optim.name="
-                  f"{cfg.optim.name}, global batch {runtime['global_batch']}, world size {ds.world_size}",
+                  f"{cfg.optim.name}, global batch {run.runtime['global_batch']}, world size {ds.world_size}",
                   flush=True)
         batches = windows(loaders.train, loaders.train_sampler, cfg.data.batch_size, cfg.train.grad_accum_steps)
-        curve = range_test(loop, batches, f, cfg.optim.lr)
+        curve = range_test(run.loop, batches, f, cfg.optim.lr)
         # Rank 0's errors (e.g. a failing write) reach every rank instead of leaving them waiting.
-        return ds.run_on_main(lambda: report(cfg, curve, runtime))
+        return ds.run_on_main(lambda: report(cfg, curve, run.runtime))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

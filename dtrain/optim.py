@@ -24,7 +24,7 @@ class GroupInfo:
     """Number of scalar parameters (elements), not tensors."""
 
 
-def _is_no_decay(name: str, param: nn.Parameter) -> bool:
+def _is_no_decay(param: nn.Parameter) -> bool:
     # Biases and normalisation scales are vectors; decaying them toward zero
     # only constrains the model without regularising it.
     return param.ndim < 2
@@ -64,8 +64,8 @@ def param_groups(cfg: OptimConfig, model: nn.Module) -> tuple[list[dict], list[G
     for (label, lr, wd), members in zip(specs, buckets):
         split = [(label, wd, [p for _, p in members])]
         if cfg.no_decay_bias_norm:
-            split = [(label, wd, [p for n, p in members if not _is_no_decay(n, p)]),
-                     (f"{label} (no decay)", 0.0, [p for n, p in members if _is_no_decay(n, p)])]
+            split = [(label, wd, [p for _, p in members if not _is_no_decay(p)]),
+                     (f"{label} (no decay)", 0.0, [p for _, p in members if _is_no_decay(p)])]
         for sub_label, sub_wd, params in split:
             if params:
                 torch_groups.append({"params": params, "lr": lr, "weight_decay": sub_wd, "name": sub_label})

@@ -52,7 +52,9 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
 
 
 def _series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
-    points = [(int(r["step"]), float(r[key])) for r in rows if r["split"] == split and key in r]
+    # null is how metrics.jsonl writes a non-finite value (a diverged loss).
+    points = [(int(r["step"]), math.nan if r[key] is None else float(r[key]))
+              for r in rows if r["split"] == split and key in r]
     return [p[0] for p in points], [p[1] for p in points]
 
 

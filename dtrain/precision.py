@@ -27,11 +27,13 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
+def check_precision(name: str, device: torch.device) -> None:
+    if name == "fp16" and device.type != "cuda":
+        # fp16 autocast on CPU is slow and GradScaler exists to guard CUDA
+        # fp16 gradients; running it silently as something else would be a lie.
+        raise ConfigError("train.precision", name, "fp32 | bf16 on CPU (fp16 needs CUDA)")
+
+
 def build_precision(name: str, device: torch.device) -> Precision:
-    if name == "fp16":
-        if device.type != "cuda":
-            # fp16 autocast on CPU is slow and GradScaler exists to guard CUDA
-            # fp16 gradients; running it silently as something else would be a lie.
-            raise ConfigError("train.precision", name, "fp32 | bf16 on CPU (fp16 needs CUDA)")
-        return Precision(name, device, torch.amp.GradScaler("cuda"))
-    return Precision(name, device, None)
+    check_precision(name, device)
+    return Precision(name, device, torch.amp.GradScaler("cuda") if name == "fp16" else None)

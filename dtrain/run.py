@@ -3,33 +3,57 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.config import Config, to_dict, to_yaml
-from dtrain.data import build_datasets, build_loaders
+from dtrain.data import Datasets, Loaders, build_datasets, build_loaders
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, Loop, fit, steps_per_epoch
 from dtrain.env import detect_launch
-from dtrain.errors import DTrainError
-from dtrain.loggers import open_loggers
-from dtrain.loggers.base import require_logger_extras
+from dtrain.errors import ConfigError, DTrainError
+from dtrain.loggers import MultiLogger, null_logger, open_loggers
 from dtrain.models import build_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
-from dtrain.precision import build_precision
+from dtrain.precision import build_precision, check_precision
 from dtrain.progress import Progress
 
 
+# What a run writes into output_dir; overwrite=true removes all of it first, so
+# a replaced run leaves no stale event file, plot or weights behind.
+RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model.pt", "curves.png", "tensorboard", "wandb")
+
+
 def prepare_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run's metrics unless asked to."""
+    """Refuse to clobber an earlier run unless asked to; one-line errors for unusable paths."""
     metrics = os.path.join(path, "metrics.jsonl")
     if os.path.exists(metrics) and not overwrite:
-        raise DTrainError(f"config key 'output_dir' has value {path!r}, which already holds a run "
-                          f"({metrics}); allowed: a new directory, or overwrite=true to replace it")
-    os.makedirs(path, exist_ok=True)
+        raise ConfigError("output_dir", path, "a new directory, or overwrite=true to replace the run "
+                          f"already there ({metrics})")
+    try:
+        os.makedirs(path, exist_ok=True)
+        if overwrite:
+            for name in RUN_OUTPUTS:
+                target = os.path.join(path, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    os.remove(target)
+    except OSError as exc:
+        raise ConfigError("output_dir", path, f"a writable directory ({exc.strerror or exc})") from None
+
+
+def write_text(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise DTrainError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def runtime_summary(cfg: Config, ds: DistState, precision: str) -> dict[str, Any]:
@@ -63,6 +87,52 @@ def build_loop(cfg: Config, ds: DistState, model: torch.nn.Module, total_steps: 
 
 
 @dataclass
+class Session:
+    """Everything set up for a run, on this rank."""
+
+    ds: DistState
+    data: Datasets
+    loaders: Loaders
+    loop: Loop
+    groups: list[GroupInfo]
+    steps_per_epoch: int
+    total_steps: int
+    runtime: dict[str, Any]
+
+
+@contextmanager
+def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable[[], None],
+            total_steps: Optional[int] = None) -> Iterator[Session]:
+    """Launch -> process group -> rank-0 `prepare` -> data -> model -> loop; the group is always destroyed.
+
+    `total_steps` overrides the plan's step count (the LR finder's own length).
+    """
+    launch = detect_launch(os.environ if environ is None else environ)
+    # Checks that need no process group come first, so a bad value fails at once on every rank.
+    device = resolve_device(cfg.train.device, launch.local_rank)
+    backend = resolve_backend(cfg.dist.backend, device)
+    check_precision(cfg.train.precision, device)
+
+    with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
+        ds.run_on_main(prepare)
+        # Seeding right before data and model makes the initial weights a function of
+        # train.seed alone: identical on every rank, in train() and in lr_find().
+        torch.manual_seed(cfg.train.seed)
+        data = build_datasets(cfg.data, cfg.train.seed, ds)
+        loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
+        total = total_steps or plan_for(cfg).total_steps(per_epoch)
+        loop, groups = build_loop(cfg, ds, model, total)
+        yield Session(ds, data, loaders, loop, groups, per_epoch, total,
+                      runtime_summary(cfg, ds, loop.precision.name))
+
+
+def plan_for(cfg: Config) -> FitPlan:
+    return FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps, cfg.data.batch_size)
+
+
+@dataclass
 class RunResult:
     eval: Optional[dict[str, float]]
     """The last evaluation (loss, accuracy, samples)."""
@@ -72,43 +142,28 @@ class RunResult:
 
 def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult:
     """Run training under whatever launcher started this process."""
-    launch = detect_launch(os.environ if environ is None else environ)
-    # Checks that need no process group run first, so a bad value fails fast on every rank.
-    device = resolve_device(cfg.train.device, launch.local_rank)
-    backend = resolve_backend(cfg.dist.backend, device)
-    build_precision(cfg.train.precision, device)
-    if launch.rank == 0:
-        require_logger_extras(cfg.log)  # only rank 0 logs, so only it needs the packages
+    with session(cfg, environ, lambda: prepare_output_dir(cfg.output_dir, cfg.overwrite)) as run:
+        ds, loop = run.ds, run.loop
+        runtime = run.runtime
 
-    with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
-        ds.run_on_main(lambda: prepare_output_dir(cfg.output_dir, cfg.overwrite))
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        data = build_datasets(cfg.data, cfg.train.seed, ds)
-        loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
-        model = build_model(cfg.model, data.input_shape, data.num_classes)
-        per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
-        plan = FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps, cfg.data.batch_size)
-        total = plan.total_steps(per_epoch)
-        loop, infos = build_loop(cfg, ds, model, total)
+        def start() -> MultiLogger:
+            # On rank 0 only, and shared: a config.yaml that cannot be written or a
+            # logger that cannot start (no W&B account, say) stops every rank now
+            # instead of leaving the others waiting in fit()'s first collective.
+            write_text(os.path.join(cfg.output_dir, "config.yaml"), to_yaml(cfg, {"runtime": runtime}))
+            return open_loggers(cfg.output_dir, cfg.log, to_dict(cfg, {"runtime": runtime}))
 
-        runtime = runtime_summary(cfg, ds, loop.precision.name)
-        progress = Progress(cfg.log.progress, total, enabled=ds.is_main)
-        if ds.is_main:
-            with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(to_yaml(cfg, {"runtime": runtime}))
-            progress.print("dtrain: " + " ".join(f"{k}={v}" for k, v in runtime.items()))
-            progress.print(_groups_text(infos))
-            progress.print(f"dtrain: {len(data.train)} train / {len(data.eval)} eval samples, "
-                           f"{per_epoch} steps per epoch, {total} steps in all")
-        # Opened under run_on_main: a logger that cannot start on rank 0 (no W&B
-        # account, say) stops every rank now instead of hanging them in fit().
-        logger = ds.run_on_main(lambda: open_loggers(True, cfg.output_dir, cfg.log,
-                                                     to_dict(cfg, {"runtime": runtime})), share_result=False)
-        if not ds.is_main:
-            logger = open_loggers(False, cfg.output_dir, cfg.log, {})
+        opened = ds.run_on_main(start, share_result=False)
+        logger = opened if ds.is_main else null_logger()
+        progress = Progress(cfg.log.progress, run.total_steps, enabled=ds.is_main)
+        progress.print("dtrain: " + " ".join(f"{k}={v}" for k, v in runtime.items()))
+        progress.print(_groups_text(run.groups))
+        progress.print(f"dtrain: {len(run.data.train)} train / {len(run.data.eval)} eval samples, "
+                       f"{run.steps_per_epoch} steps per epoch, {run.total_steps} steps in all")
         try:
             with logger:
-                result = fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, logger, progress)
+                result = fit(loop, run.loaders.train, run.loaders.train_sampler, run.loaders.eval,
+                             plan_for(cfg), logger, progress)
         finally:
             progress.close()
         if ds.is_main and cfg.train.save_model:
@@ -117,4 +172,3 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult
             print(f"dtrain: final eval loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
                   f"on {result['samples']} samples; outputs in {cfg.output_dir}", flush=True)
         return RunResult(result, loop)
-

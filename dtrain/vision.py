@@ -123,7 +123,7 @@ def download_files(name: str, root: str) -> None:
                           "and set data.download=false") from None
 
 
-def vision_datasets(name: str, root: str, download: bool) -> Datasets:
+def vision_datasets(name: str, root: str) -> Datasets:
     """Train and eval splits of `name` under `root`; DTrainError, one line, on missing or bad files."""
     torchvision = _import_torchvision(name)
     from torchvision import transforms
@@ -134,8 +134,6 @@ def vision_datasets(name: str, root: str, download: bool) -> Datasets:
     cls = getattr(torchvision.datasets, spec.cls_name)
     root = os.path.expanduser(root)
     where = os.path.join(root, spec.folder)
-    if download:
-        download_files(name, root)
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
     try:
         train_set = cls(root, train=True, transform=tf, download=False)

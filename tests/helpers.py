@@ -73,20 +73,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _job_id_with_free_port() -> int:
+    """A Slurm job id whose derived port (dtrain.env.slurm_port) is free right now."""
+    import random
+    import socket
+
+    from dtrain.env import slurm_port
+
+    for _ in range(50):
+        job_id = random.randrange(1, 10**7)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", slurm_port(job_id, 0)))
+                return job_id
+            except OSError:
+                continue
+    raise AssertionError("no free port found for a Slurm job id")
+
+
 def srun_like(nproc: int, overrides: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
-              env: Optional[dict[str, str]] = None) -> list[subprocess.CompletedProcess]:
+              env: Optional[dict[str, str]] = None, derive_port: bool = False) -> list[subprocess.CompletedProcess]:
     """Start `python -m dtrain` nproc times with the variables `srun` gives each task, no torchrun.
 
-    Ranks run concurrently, each in its own session; on timeout all are killed.
+    With derive_port, MASTER_PORT is left unset and the ranks derive it from SLURM_JOB_ID,
+    as under a real srun. Ranks run concurrently, each in its own session; on timeout all are killed.
     """
     import time
 
-    port = free_port()
+    job_id = _job_id_with_free_port() if derive_port else 4242
+    port = {} if derive_port else {"MASTER_PORT": str(free_port())}
     procs = []
     for rank in range(nproc):
         task_env = {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(nproc),
-                    "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost", "SLURM_STEP_ID": "0",
-                    "MASTER_PORT": str(port), **(env or {})}
+                    "SLURM_JOB_ID": str(job_id), "SLURM_NODELIST": "localhost", "SLURM_STEP_ID": "0",
+                    **port, **(env or {})}
         procs.append(subprocess.Popen([sys.executable, "-m", "dtrain", *overrides], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=child_env(task_env), cwd=REPO,
                                       start_new_session=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dtrain.env import LaunchInfo, detect_launch, expand_hostlist, first_host, slurm_port
@@ -15,7 +17,7 @@ SRUN = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_J
 
 def test_nothing_set_is_one_process() -> None:
     info = detect_launch({})
-    assert info == LaunchInfo("single", 0, 0, 1, "127.0.0.1", None) and info.is_main
+    assert info == LaunchInfo("single", 0, 0, 1, "127.0.0.1", None)
 
 
 def test_torchrun() -> None:
@@ -45,10 +47,11 @@ def test_srun_step() -> None:
     assert info == LaunchInfo("srun", 5, 1, 8, "gpu03", slurm_port(123456))
 
 
-def test_srun_port_is_derived_from_job_id_and_master_port_wins() -> None:
+def test_srun_port_is_derived_from_job_and_step_id_and_master_port_wins() -> None:
     a = detect_launch({**SRUN, "SLURM_JOB_ID": "1000"}).master_port
     b = detect_launch({**SRUN, "SLURM_JOB_ID": "1001"}).master_port
-    assert a != b and 1024 < a < 65536
+    c = detect_launch({**SRUN, "SLURM_JOB_ID": "1000", "SLURM_STEP_ID": "1"}).master_port
+    assert len({a, b, c}) == 3 and all(1024 < p < 32768 for p in (a, b, c))
     assert detect_launch({**SRUN, "MASTER_PORT": "4000", "MASTER_ADDR": "x"}).master_port == 4000
 
 
@@ -84,6 +87,7 @@ def test_hostlist_expansion(nodelist: str, hosts: list[str]) -> None:
     assert first_host(nodelist) == hosts[0]
 
 
-def test_bad_hostlist() -> None:
-    with pytest.raises(DTrainError, match="node list"):
-        expand_hostlist("a[1-")
+@pytest.mark.parametrize("nodelist", ["a[1-", "a[3-1]", "a[1-2]x[b]", "a]"])
+def test_bad_hostlist_names_the_whole_list(nodelist: str) -> None:
+    with pytest.raises(DTrainError, match=re.escape(repr(nodelist))):
+        expand_hostlist(nodelist)

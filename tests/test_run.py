@@ -41,7 +41,7 @@ def test_default_job_with_four_processes_and_no_arguments(tmp_path: Path) -> Non
 def test_process_group_is_destroyed_on_error(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.name=synthetic", "model.name=workers.failing_model:build",
                              f"output_dir={tmp_path}/run"])
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="deliberate failure"):
         train(cfg, environ={})
     assert not dist.is_initialized()
 
@@ -67,7 +67,9 @@ def test_second_run_into_same_dir_is_refused_and_keeps_the_first(tmp_path: Path)
 def test_srun_style_launch_trains_like_torchrun(tmp_path: Path) -> None:
     """Two tasks started with srun's variables only (no torchrun): rank/port come from SLURM_*."""
     out = tmp_path / "run"
-    results = srun_like(2, ["data.name=synthetic", "train.epochs=1", "log.every_steps=4", f"output_dir={out}"])
+    # The port is derived from SLURM_JOB_ID, as under a real srun (no MASTER_PORT).
+    results = srun_like(2, ["data.name=synthetic", "train.epochs=1", "log.every_steps=4", f"output_dir={out}"],
+                        derive_port=True)
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
     assert runtime["launcher"] == "srun" and runtime["world_size"] == 2
@@ -93,3 +95,37 @@ def test_rank0_setup_failure_stops_every_rank_without_waiting_for_the_timeout(tm
     assert [r.returncode for r in results] == [2, 2]
     assert results[0].stderr.strip().startswith("dtrain: error: W&B could not start a run")
     assert results[1].stderr.strip().startswith("dtrain: error (rank 1): W&B could not start a run")
+
+
+def test_overwrite_replaces_the_whole_earlier_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["data.name=synthetic", "train.max_steps=2", "log.tensorboard=true", f"output_dir={out}"]
+    train(load_config(None, args), environ={})
+    (out / "curves.png").write_bytes(b"stale")
+    train(load_config(None, [*args, "overwrite=true", "train.max_steps=3"]), environ={})
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert not (out / "curves.png").exists()
+    assert records(out, "train")[-1]["step"] == 3 and len(records(out, "eval")) == 1
+
+
+def test_unusable_output_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    res = run([sys.executable, "-m", "dtrain", "data.name=synthetic", f"output_dir={blocker}/sub"], timeout=60)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "output_dir" in lines[0] and "writable directory" in lines[0]
+
+
+def test_a_diverged_loss_is_written_as_strict_json(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "run"
+    train(load_config(None, ["data.name=synthetic", "train.epochs=1", "optim.lr=1e12", "log.every_steps=1",
+                             f"output_dir={out}"]), environ={})
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-JSON constant {constant} in metrics.jsonl")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["loss"] is None for r in rows if r["split"] == "train")

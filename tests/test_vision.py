@@ -100,7 +100,7 @@ def test_cifar10_md5_check_still_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     with (tiny.folder / "data_batch_3").open("ab") as f:
         f.write(b"\0")  # still a loadable pickle: only the md5 check can notice
     with pytest.raises(DTrainError) as err:
-        vision_datasets("cifar10", str(tmp_path), download=False)
+        vision_datasets("cifar10", str(tmp_path))
     msg = assert_one_line_error(err, "md5 mismatch: data_batch_3", "data.download")
     assert "data_batch_1" not in msg
 
@@ -109,14 +109,14 @@ def test_cifar10_real_md5_table_rejects_tiny_files(tmp_path: Path) -> None:
     # Unpatched, torchvision's own table must refuse files that are not the real CIFAR-10.
     write_cifar10(tmp_path, N_TRAIN, N_TEST)
     with pytest.raises(DTrainError) as err:
-        vision_datasets("cifar10", str(tmp_path), download=False)
+        vision_datasets("cifar10", str(tmp_path))
     assert_one_line_error(err, "md5 mismatch", "test_batch", "batches.meta")
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
 def test_empty_root_says_where_and_how(name: str, tmp_path: Path) -> None:
     with pytest.raises(DTrainError) as err:
-        vision_datasets(name, str(tmp_path), download=False)
+        vision_datasets(name, str(tmp_path))
     assert_one_line_error(err, str(tmp_path / FOLDERS[name]), "does not exist", "data.download=true",
                           CLASS_NAMES[name])
 
@@ -128,7 +128,7 @@ def test_missing_file_is_named(name: str, lost: str, tmp_path: Path, monkeypatch
     tiny = write(name, tmp_path, monkeypatch)
     (tiny.folder / lost).unlink()
     with pytest.raises(DTrainError) as err:
-        vision_datasets(name, str(tmp_path), download=False)
+        vision_datasets(name, str(tmp_path))
     msg = assert_one_line_error(err, f"missing {lost};", "data.download=true")
     assert "gunzip" not in msg
 
@@ -140,7 +140,7 @@ def test_gzipped_idx_files_get_a_gunzip_hint(tmp_path: Path) -> None:
     (tiny.folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw.read_bytes()))
     raw.unlink()
     with pytest.raises(DTrainError) as err:
-        vision_datasets("mnist", str(tmp_path), download=False)
+        vision_datasets("mnist", str(tmp_path))
     assert_one_line_error(err, "train-images-idx3-ubyte.gz: gunzip")
 
 
@@ -149,7 +149,7 @@ def test_truncated_idx_file_is_one_line(tmp_path: Path) -> None:
     path = tiny.folder / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(DTrainError) as err:
-        vision_datasets("mnist", str(tmp_path), download=False)
+        vision_datasets("mnist", str(tmp_path))
     assert_one_line_error(err, "cannot be read", "data.download=true")
 
 
@@ -181,7 +181,7 @@ def test_download_true_with_files_present_downloads_nothing(tmp_path: Path, monk
 def test_without_torchvision_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` now raises ImportError
     with pytest.raises(DTrainError) as err:
-        vision_datasets("mnist", str(tmp_path), download=False)
+        vision_datasets("mnist", str(tmp_path))
     assert_one_line_error(err, "pip install 'dtrain[vision]'")
 
 

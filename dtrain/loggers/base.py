@@ -45,7 +45,11 @@ class Record:
 class Logger(Protocol):
     def log(self, record: Record) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Training finished: flush and close."""
+
+    def fail(self) -> None:
+        """Training raised: close, marking the run failed where the backend can say so."""
 
 
 class NullLogger:
@@ -53,6 +57,9 @@ class NullLogger:
         pass
 
     def close(self) -> None:
+        pass
+
+    def fail(self) -> None:
         pass
 
 
@@ -120,7 +127,7 @@ class MultiLogger:
         # upload for a while; a SIGKILL during that must not cost the files.
         for lg in self.loggers:
             try:
-                if failed and hasattr(lg, "fail"):
+                if failed:
                     lg.fail()
                 else:
                     lg.close()
@@ -152,31 +159,17 @@ LOGGER_EXTRAS = (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb
 """(log config flag, module, pip extra) of each optional logger."""
 
 
-def require_logger_extras(log_cfg: Any) -> None:
-    """Fail with the one-line install hint if an enabled logger's package is missing.
-
-    Meant for rank 0 before the process group exists: the other ranks are
-    then still waiting to rendezvous, and the launcher just stops them,
-    instead of them crashing mid-collective when rank 0 leaves. Only a spec
-    lookup, so it costs nothing when the packages are there.
-    """
-    import importlib.util
-
-    from dtrain.errors import DTrainError
-
-    for flag, module, extra in LOGGER_EXTRAS:
-        if getattr(log_cfg, flag) and importlib.util.find_spec(module) is None:
-            raise DTrainError(_missing(module, extra))
-
-
 def _missing(module: str, extra: str) -> str:
     return f"{module} is not installed; pip install 'dtrain[{extra}]'"
 
 
-def open_loggers(is_main: bool, output_dir: str, log_cfg: Any, config: dict[str, Any]) -> MultiLogger:
-    """Open every enabled logger on rank 0; nothing anywhere else."""
-    if not is_main:
-        return MultiLogger([NullLogger()])
+def null_logger() -> MultiLogger:
+    """What every rank but 0 logs to."""
+    return MultiLogger([NullLogger()])
+
+
+def open_loggers(output_dir: str, log_cfg: Any, config: dict[str, Any]) -> MultiLogger:
+    """Open every enabled logger; called on rank 0 only (the others use null_logger())."""
     from dtrain.loggers.jsonl import JsonlLogger
 
     # What is likeliest to fail (a missing extra, W&B without an account or

@@ -18,3 +18,6 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+    def fail(self) -> None:
+        self.close()  # what was logged stays; the file has no notion of a failed run

@@ -16,7 +16,7 @@ from dtrain.data import build_datasets, build_loaders
 from dtrain.dist import distributed
 from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
-from dtrain.loggers import MultiLogger, NullLogger
+from dtrain.loggers import null_logger
 from dtrain.models import build_model
 from dtrain.progress import Progress
 from dtrain.run import build_loop
@@ -51,7 +51,7 @@ def main() -> None:
         counter = Counter()
         loop.model.register_comm_hook(counter, counting_hook)
         plan = FitPlan(1, None, 1000, cfg.data.batch_size)
-        fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, MultiLogger([NullLogger()]),
+        fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, null_logger(),
             Progress("none", per_epoch, False))
         steps, rounds = loop.step, counter.rounds
 

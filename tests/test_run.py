@@ -129,3 +129,21 @@ def test_a_diverged_loss_is_written_as_strict_json(tmp_path: Path) -> None:
 
     rows = [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["loss"] is None for r in rows if r["split"] == "train")
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_accelerate_launch_runs_the_same_job(tmp_path: Path) -> None:
+    """`accelerate launch` (its torch elastic launcher) gives the same losses as torchrun."""
+    pytest.importorskip("accelerate")
+    from helpers import dtrain
+
+    args = ["data.name=synthetic", "train.epochs=1", "log.every_steps=4"]
+    acc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0",
+               "-m", "dtrain", *args, f"output_dir={tmp_path}/acc"], timeout=150)
+    assert acc.returncode == 0, acc.stderr
+    runtime = yaml.safe_load((tmp_path / "acc" / "config.yaml").read_text())["runtime"]
+    assert runtime["launcher"] == "torchrun" and runtime["world_size"] == 2
+    dtrain(2, [*args, f"output_dir={tmp_path}/torchrun"])
+    assert [r["loss"] for r in records(tmp_path / "acc")] == [r["loss"] for r in records(tmp_path / "torchrun")]

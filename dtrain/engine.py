@@ -257,10 +257,10 @@ def fit(loop: Loop, train_loader: DataLoader, sampler: DistributedSampler, eval_
         progress.show(record)
         timer.reset()
 
-    def done() -> bool:
-        return loop.epoch >= plan.epochs or (plan.max_steps is not None and loop.step >= plan.max_steps)
+    def done(epochs_completed: int) -> bool:
+        return epochs_completed >= plan.epochs or (plan.max_steps is not None and loop.step >= plan.max_steps)
 
-    while not done():
+    while not done(loop.epoch):
         sampler.set_epoch(loop.epoch)  # a new shuffle each epoch, the same on every rank
         for micro, window in epoch_windows(train_loader, sampler, plan.batch_size, k, timer):
             lr = loop.optimizer.param_groups[0]["lr"]  # the lr this step uses
@@ -271,8 +271,7 @@ def fit(loop: Loop, train_loader: DataLoader, sampler: DistributedSampler, eval_
                 log_window()
             if plan.max_steps is not None and loop.step >= plan.max_steps:
                 break
-        final = loop.epoch + 1 >= plan.epochs or (plan.max_steps is not None and loop.step >= plan.max_steps)
-        if final and timer.steps > 0:
+        if done(loop.epoch + 1) and timer.steps > 0:
             log_window()  # the partial logging window at the very end
         paused = time.perf_counter()
         epoch_sum, epoch_count = meter.take(1, loop.dist)

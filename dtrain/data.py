@@ -12,7 +12,7 @@ the eval loss and accuracy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sized
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
@@ -79,8 +79,8 @@ def build_datasets(cfg: DataConfig, seed: int, dist_state: DistState) -> Dataset
 class ShardSampler(Sampler[int]):
     """Rank r gets indices r, r+W, ...: every sample on exactly one rank, no padding."""
 
-    def __init__(self, dataset: Sized, rank: int, world_size: int) -> None:
-        self.indices = range(rank, len(dataset), world_size)
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        self.indices = range(rank, len(dataset), world_size)  # type: ignore[arg-type]  # map-style datasets are sized
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -97,14 +97,14 @@ class Loaders:
 
 
 def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState) -> Loaders:
-    sampler = DistributedSampler(data.train, num_replicas=dist_state.world_size, rank=dist_state.rank,
-                                 shuffle=True, seed=seed, drop_last=False)
-    common = {
-        "num_workers": cfg.num_workers,
-        "pin_memory": dist_state.device.type == "cuda",
-        "persistent_workers": cfg.num_workers > 0,
-    }
-    train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **common)
+    sampler: DistributedSampler = DistributedSampler(
+        data.train, num_replicas=dist_state.world_size, rank=dist_state.rank, shuffle=True, seed=seed,
+        drop_last=False)
+    pin = dist_state.device.type == "cuda"
+    persistent = cfg.num_workers > 0
+    train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+                       num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
     eval_ = DataLoader(data.eval, batch_size=cfg.eval_batch_size,
-                       sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size), **common)
+                       sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size),
+                       num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
     return Loaders(train, sampler, eval_)

@@ -158,7 +158,7 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult
         progress = Progress(cfg.log.progress, run.total_steps, enabled=ds.is_main)
         progress.print("dtrain: " + " ".join(f"{k}={v}" for k, v in runtime.items()))
         progress.print(_groups_text(run.groups))
-        progress.print(f"dtrain: {len(run.data.train)} train / {len(run.data.eval)} eval samples, "
+        progress.print(f"dtrain: {len(run.data.train)} train / {len(run.data.eval)} eval samples, "  # type: ignore[arg-type]
                        f"{run.steps_per_epoch} steps per epoch, {run.total_steps} steps in all")
         try:
             with logger:

@@ -73,7 +73,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def expected_files(cls: type) -> list[tuple[str, Optional[str]]]:
+def expected_files(cls: Any) -> list[tuple[str, Optional[str]]]:
     """(file name, md5 or None) that `cls` reads, taken from the class itself.
 
     MNIST-style classes list their downloads as `resources` (.gz archives) and

@@ -59,3 +59,29 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
         for k, v in loop.module.state_dict().items():
             assert torch.equal(v, before[k]), k  # the skipped step changed nothing
         assert loop.scheduler.last_epoch == 1 and loop.optimizer.param_groups[0]["lr"] == lr_before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_no_host_sync_between_logging_steps(precision: str) -> None:
+    """CUDA's sync debug mode raises on any device-to-host sync inside train_step."""
+    from dtrain.engine import epoch_windows
+
+    cfg = load_config(None, ["data.name=synthetic", f"train.precision={precision}", "train.grad_accum_steps=2",
+                             "train.grad_clip=1.0"])
+    with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
+        data = build_datasets(cfg.data, 0, ds)
+        loaders = build_loaders(data, cfg.data, 0, ds)
+        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
+        loaders.train_sampler.set_epoch(0)
+        windows = list(epoch_windows(loaders.train, loaders.train_sampler, cfg.data.batch_size, 2))
+        meter = Meter(ds.device)
+        train_step(loop, *windows[0], meter)  # first step: lazy initialisation may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for micro, samples in windows[1:6]:
+                train_step(loop, micro, samples, meter)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert loop.step == 6

@@ -81,7 +81,7 @@ def plot_curves(rows: list[dict[str, Any]], out_path: str, title: Optional[str] 
     if steps:
         ax_loss.plot(steps, loss, color="tab:orange", marker="s", linewidth=2, label="eval")
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="loss")
-    losses = [float(r["loss"]) for r in rows if "loss" in r]
+    losses = [float(r["loss"]) for r in rows if r.get("loss") is not None]
     finite = [v for v in losses if math.isfinite(v)]
     if finite and min(finite) > 0 and max(finite) / min(finite) >= 10:
         ax_loss.set_yscale("log")  # a loss that falls by decades stays readable late in training

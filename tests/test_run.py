@@ -129,6 +129,10 @@ def test_a_diverged_loss_is_written_as_strict_json(tmp_path: Path) -> None:
 
     rows = [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["loss"] is None for r in rows if r["split"] == "train")
+    # and the plot command still draws such a run
+    res = run([sys.executable, "-m", "dtrain.plot", str(out)], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.multiproc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -26,6 +27,9 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: Callable[[Any], Any]
     """Load the config and run `body(cfg)`; user errors become one line on stderr."""
     from dtrain.config import load_config
 
+    # A native crash (a collective library aborting, a segfault in an extension) then
+    # shows each thread's Python stack in the job log instead of only a signal number.
+    faulthandler.enable()
     args = parse_args(prog, argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -14,6 +14,14 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+# DDP imports this module on first use; its functions take `group=group.WORLD` as a
+# default argument, evaluated at import. Imported while a group is live, those
+# defaults pin that group forever: destroy_process_group() then cannot free it,
+# gloo's threads keep running into interpreter shutdown, and the process can abort
+# there ("terminate called without an active exception") after a successful run.
+# Importing it here, before any group exists, makes the defaults None.
+import torch.distributed.nn.functional  # noqa: F401  (imported for the side effect above)
+
 from dtrain.env import LaunchInfo
 from dtrain.errors import DTrainError
 

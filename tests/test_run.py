@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 from dtrain.config import load_config
 from dtrain.errors import DTrainError
 from dtrain.run import train
-from helpers import REPO, records, run, srun_like
+from helpers import REPO, records, run, srun_like, worker
 
 
 @pytest.mark.multiproc
@@ -50,6 +51,20 @@ def test_process_group_is_destroyed_after_success(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.name=synthetic", "train.max_steps=3", f"output_dir={tmp_path}/run"])
     result = train(cfg, environ={})
     assert result.loop.step == 3 and not dist.is_initialized()
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+def test_a_finished_run_leaves_no_process_group_threads(tmp_path: Path) -> None:
+    # Without this, the group outlived the run (torch.distributed.nn.functional, first
+    # imported by DDP, pins it in default arguments) and gloo's threads ran into
+    # interpreter shutdown, where a successful job sometimes aborted.
+    result = worker(2, "threads_after_run.py", [str(tmp_path / "run")])
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        assert any("gloo" in name for name in r["while_held"]), r  # the probe can see gloo's threads
+        assert not any("gloo" in name for name in r["after"]), r
 
 
 def test_second_run_into_same_dir_is_refused_and_keeps_the_first(tmp_path: Path) -> None:

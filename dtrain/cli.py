@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -23,13 +24,20 @@ def parse_args(prog: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _enable_faulthandler() -> None:
+    """A native crash (a collective library aborting, a segfault in an extension) then
+    shows each thread's Python stack in the job log instead of only a signal number."""
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass  # stderr is not a real file (captured in a test, an embedding host): nothing to write to
+
+
 def run_cli(prog: str, argv: Optional[Sequence[str]], body: Callable[[Any], Any]) -> int:
     """Load the config and run `body(cfg)`; user errors become one line on stderr."""
     from dtrain.config import load_config
 
-    # A native crash (a collective library aborting, a segfault in an extension) then
-    # shows each thread's Python stack in the job log instead of only a signal number.
-    faulthandler.enable()
+    _enable_faulthandler()
     args = parse_args(prog, argv)
     try:
         cfg = load_config(args.config, args.overrides)

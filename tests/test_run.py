@@ -67,6 +67,15 @@ def test_a_finished_run_leaves_no_process_group_threads(tmp_path: Path) -> None:
         assert not any("gloo" in name for name in r["after"]), r
 
 
+def test_a_native_crash_shows_the_python_stack(tmp_path: Path) -> None:
+    # A signal number alone ("exitcode -6") says nothing about where a job died.
+    result = run([sys.executable, "-m", "dtrain", "data.name=synthetic", "model.name=tests.workers.aborting_model:build",
+                  f"output_dir={tmp_path}/run"])
+    assert result.returncode == -6, result
+    assert "Fatal Python error: Aborted" in result.stderr
+    assert "aborting_model.py" in result.stderr
+
+
 def test_second_run_into_same_dir_is_refused_and_keeps_the_first(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", f"output_dir={tmp_path}/run"])
     train(cfg, environ={})

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-# DDP imports this module on first use; its functions take `group=group.WORLD` as a
-# default argument, evaluated at import. Imported while a group is live, those
+# Building the first DDP model imports this module (through torch.distributed._shard);
+# its functions take `group=group.WORLD` as a default argument, evaluated at import. Imported while a group is live, those
 # defaults pin that group forever: destroy_process_group() then cannot free it,
 # gloo's threads keep running into interpreter shutdown, and the process can abort
 # there ("terminate called without an active exception") after a successful run.

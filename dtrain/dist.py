@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-# Building the first DDP model imports this module (through torch.distributed._shard);
-# its functions take `group=group.WORLD` as a default argument, evaluated at import. Imported while a group is live, those
-# defaults pin that group forever: destroy_process_group() then cannot free it,
-# gloo's threads keep running into interpreter shutdown, and the process can abort
-# there ("terminate called without an active exception") after a successful run.
-# Importing it here, before any group exists, makes the defaults None.
+# Building the first DDP model imports this module (through torch.distributed._shard).
+# Its functions take `group=group.WORLD` as a default argument, evaluated at import:
+# imported while a group is live, those defaults pin that group forever.
+# destroy_process_group() then cannot free it, gloo's threads keep running into
+# interpreter shutdown, and the process can abort there ("terminate called without
+# an active exception") after a successful run. Imported here, before any group
+# exists, the defaults are None.
 import torch.distributed.nn.functional  # noqa: F401  (imported for the side effect above)
 
 from dtrain.env import LaunchInfo

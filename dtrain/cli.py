@@ -25,19 +25,24 @@ def parse_args(prog: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _enable_faulthandler() -> None:
-    """A native crash (a collective library aborting, a segfault in an extension) then
-    shows each thread's Python stack in the job log instead of only a signal number."""
+    """A native crash while Python runs (a collective library aborting, a segfault in an
+    extension) then shows each thread's Python stack in the job log, not only a signal number."""
+    if faulthandler.is_enabled():
+        return  # -X faulthandler, PYTHONFAULTHANDLER or a test runner already chose where it writes
     try:
         faulthandler.enable()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        pass  # stderr is not a real file (captured in a test, an embedding host): nothing to write to
+    except (AttributeError, ValueError, RuntimeError, io.UnsupportedOperation):
+        pass  # stderr closed or not a file: there is nowhere to write a stack
 
 
 def run_cli(prog: str, argv: Optional[Sequence[str]], body: Callable[[Any], Any]) -> int:
     """Load the config and run `body(cfg)`; user errors become one line on stderr."""
     from dtrain.config import load_config
 
-    _enable_faulthandler()
+    if argv is None:
+        # Only for a real command line: a caller running main(argv) in its own process
+        # keeps its own crash handling.
+        _enable_faulthandler()
     args = parse_args(prog, argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -74,6 +75,17 @@ def test_a_native_crash_shows_the_python_stack(tmp_path: Path) -> None:
     assert result.returncode == -6, result
     assert "Fatal Python error: Aborted" in result.stderr
     assert "aborting_model.py" in result.stderr
+
+
+def test_runs_with_stderr_closed(tmp_path: Path) -> None:
+    # A daemonised job may have no stderr at all; the crash handler must not need one.
+    out = tmp_path / "run"
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "dtrain", "data.name=synthetic",
+                                             "train.max_steps=2", "log.every_steps=1",
+                                             f"output_dir={out}"])
+    result = run(["sh", "-c", f"exec {cmd} 2>&-"])
+    assert result.returncode == 0, result
+    assert [r["step"] for r in records(out, "train")] == [1, 2]
 
 
 def test_second_run_into_same_dir_is_refused_and_keeps_the_first(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def main() -> None:
                              "data.num_features=256", "model.hidden=[512,512]", "log.every_steps=50"])
     with distributed(detect_launch(os.environ), "auto", "auto") as ds:
         torch.manual_seed(0)
-        data = build_datasets(cfg.data, 0, ds)
+        data = build_datasets(cfg.data, 0)
         loaders = build_loaders(data, cfg.data, 0, ds)
 
         def hand_written() -> float:
@@ -60,11 +60,11 @@ def main() -> None:
             model = build_model(cfg.model, data.input_shape, data.num_classes)
             per_epoch = steps_per_epoch(loaders.train, 1)
             loop, _ = build_loop(cfg, ds, model, EPOCHS * per_epoch)
-            plan = FitPlan(EPOCHS, None, cfg.log.every_steps, cfg.data.batch_size)
+            plan = FitPlan(EPOCHS, None, cfg.log.every_steps)
             t = time.perf_counter()
             # fit evaluates each epoch; subtract nothing, since eval is part of what a user runs,
             # but keep the eval set small so the comparison is about the train loop.
-            fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan,
+            fit(loop, loaders, plan,
                 null_logger(), Progress("none", EPOCHS * per_epoch, False))
             if ds.device.type == "cuda":
                 torch.cuda.synchronize()

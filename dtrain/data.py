@@ -3,6 +3,9 @@
 Training uses `DistributedSampler`: rank r takes positions r, r+W, r+2W, ...
 of one seeded permutation, so the union of the ranks' i-th batches is the
 i-th slice of that permutation: the same global batches at any world size.
+It pads that permutation with its own head so every rank gets as many
+samples; `TrainShard` says which of a rank's positions are such repeats, and
+the step leaves them out, so no sample counts twice.
 
 Evaluation uses `ShardSampler`, which never pads: `DistributedSampler` repeats
 samples to even out the ranks, and those repeats would be counted twice in
@@ -12,7 +15,7 @@ the eval loss and accuracy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sized, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
@@ -20,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 from dtrain.config import DataConfig
 from dtrain.dist import DistState
 from dtrain.errors import DTrainError
+from dtrain.seeding import rank_seed
 
 # The digits split is fixed, whatever train.seed is, so eval numbers of runs
 # with different seeds measure the same samples.
@@ -62,18 +66,59 @@ def synthetic(cfg: DataConfig, seed: int) -> Datasets:
                     (cfg.num_features,), cfg.num_classes)
 
 
-def build_datasets(cfg: DataConfig, seed: int, dist_state: DistState) -> Datasets:
+def fetch_datasets(cfg: DataConfig, dist_state: DistState) -> None:
+    """Download what data.download asks for: a step every rank takes together (it holds collectives).
+
+    Rank 0 downloads while the others wait, so nobody reads half-written files;
+    then the first rank of each other node fetches whatever its node still
+    lacks: nothing when data.root is shared storage, its own copy when it is
+    node-local.
+    """
+    if cfg.download and cfg.name not in ("digits", "synthetic"):
+        from dtrain.vision import download_files  # torchvision is an optional extra
+
+        dist_state.run_on_node_main(lambda: download_files(cfg.name, cfg.root))
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
+    """This rank's datasets; local work only (no collective), so a failure here can be agreed on."""
     if cfg.name == "digits":
         return digits()
     if cfg.name == "synthetic":
         return synthetic(cfg, seed)
-    from dtrain.vision import download_files, vision_datasets  # torchvision is an optional extra
+    from dtrain.vision import vision_datasets
 
-    if cfg.download:
-        # Rank 0 downloads while the others wait, so they never read half-written
-        # files; on several nodes, data.root must be shared storage.
-        dist_state.run_on_main(lambda: download_files(cfg.name, cfg.root))
     return vision_datasets(cfg.name, cfg.root)
+
+
+@dataclass(frozen=True)
+class TrainShard:
+    """Which of this rank's sampler positions hold real samples, by host arithmetic alone.
+
+    DistributedSampler (drop_last=False) pads the epoch's permutation of N
+    samples to a multiple of W by repeating its head; rank r's j-th index is
+    position r + j*W of the padded list, a repeat exactly when r + j*W >= N.
+    So a rank's repeats are always at the end of its list, and the real
+    samples of rank-local positions [start, stop) on all ranks together are
+    the padded positions [start*W, stop*W) below N.
+    """
+
+    dataset_size: int
+    rank: int
+    world_size: int
+
+    @property
+    def real(self) -> int:
+        """Real samples this rank gets per epoch."""
+        return len(range(self.rank, self.dataset_size, self.world_size))
+
+    def real_between(self, start: int, stop: int) -> int:
+        """Real samples at this rank's positions [start, stop)."""
+        return max(0, min(stop, self.real) - start)
+
+    def global_real_between(self, start: int, stop: int) -> int:
+        """Real samples at positions [start, stop) of every rank together."""
+        return max(0, min(stop * self.world_size, self.dataset_size) - start * self.world_size)
 
 
 class ShardSampler(Sampler[int]):
@@ -93,6 +138,7 @@ class ShardSampler(Sampler[int]):
 class Loaders:
     train: DataLoader
     train_sampler: DistributedSampler
+    train_shard: TrainShard
     eval: DataLoader
 
 
@@ -100,11 +146,17 @@ def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     sampler: DistributedSampler = DistributedSampler(
         data.train, num_replicas=dist_state.world_size, rank=dist_state.rank, shuffle=True, seed=seed,
         drop_last=False)
+    shard = TrainShard(len(cast(Sized, data.train)), dist_state.rank, dist_state.world_size)
     pin = dist_state.device.type == "cuda"
     persistent = cfg.num_workers > 0
+    # The sampler orders the data alike on every rank; this generator only seeds the
+    # workers (torch, random and numpy in each), per rank, so random augmentations
+    # differ between ranks and repeat run after run.
+    workers_rng = torch.Generator().manual_seed(rank_seed(seed, dist_state.rank, dist_state.world_size))
     train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
-                       num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
+                       num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent,
+                       generator=workers_rng)
     eval_ = DataLoader(data.eval, batch_size=cfg.eval_batch_size,
                        sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size),
                        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
-    return Loaders(train, sampler, eval_)
+    return Loaders(train, sampler, shard, eval_)

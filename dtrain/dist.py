@@ -31,7 +31,8 @@ from dtrain.errors import DTrainError
 class DistState:
     launcher: str
     rank: int
-    local_rank: int
+    local_rank: Optional[int]
+    """None where the launch does not say (RANK/WORLD_SIZE set by hand, nothing else)."""
     world_size: int
     backend: str
     device: torch.device
@@ -75,7 +76,51 @@ class DistState:
         return result if self.is_main else payload[0]
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
+    def run_on_node_main(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on global rank 0 first, then on the first rank of every other node; every rank waits.
+
+        For work that must happen once per file system: on shared storage the
+        nodes after the first find it done (`fn` is a no-op there), on
+        node-local storage each node does its own. Where the launch does not
+        say which rank is first on its node, only rank 0 runs `fn`.
+        """
+        self.run_on_main(fn, share_result=False)
+        if self.world_size == 1:
+            return
+        error: Optional[BaseException] = None
+        if not self.is_main and self.local_rank == 0:
+            try:
+                fn()
+            except Exception as exc:
+                error = exc
+        self.check_all(error, "while preparing data on its node")
+
+    def check_all(self, error: Optional[BaseException], during: str) -> None:
+        """Every rank says whether its part of a step failed (one collective); all stop if any did.
+
+        A rank whose own work raised re-raises that exception; the others raise a
+        DTrainError naming the first rank that failed, instead of going on into a
+        collective (DDP's first broadcast, say) that rank will never join and
+        waiting there until dist.timeout_s.
+        """
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        mine = None if error is None else (str(error) if isinstance(error, DTrainError)
+                                           else f"{type(error).__name__}: {error}")
+        reports: list[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(reports, mine)
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+        if failed:
+            rank, message = failed[0]
+            others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})" if len(failed) > 1 else ""
+            raise DTrainError(f"rank {rank} failed {during}{others}: {' '.join(message.split())}")
+
+
+def resolve_device(requested: str, local_rank: Optional[int]) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -85,6 +130,11 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
         # One GPU visible per task (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set
         # per rank): whatever this task's local rank, that GPU is its own.
         return torch.device("cuda", 0)
+    if local_rank is None:
+        # RANK/WORLD_SIZE by hand without LOCAL_RANK: on a node with several GPUs,
+        # guessing cuda:RANK binds rank 5 of a 4-per-node job to another job's GPU.
+        raise DTrainError(f"{count} GPUs are visible but the launch does not say which is this process's: "
+                          "set LOCAL_RANK (or LOCAL_WORLD_SIZE, the processes per node), or launch with torchrun")
     if local_rank >= count:
         raise DTrainError(f"local rank {local_rank} has no GPU: only {count} visible on this node; "
                           "start at most one process per GPU")

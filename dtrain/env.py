@@ -33,7 +33,8 @@ class LaunchInfo:
 
     launcher: str
     rank: int
-    local_rank: int
+    local_rank: Optional[int]
+    """This process's index on its node; None where the launch does not say (see EnvVars)."""
     world_size: int
     master_addr: str
     master_port: Optional[int]
@@ -50,12 +51,12 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise DTrainError(f"environment variable {key}={raw!r} is not an integer") from None
 
 
-def _check_ranks(launcher: str, rank: int, local_rank: int, world_size: int) -> None:
+def _check_ranks(launcher: str, rank: int, local_rank: Optional[int], world_size: int) -> None:
     if world_size < 1:
         raise DTrainError(f"{launcher}: world size {world_size} must be >= 1")
     if not 0 <= rank < world_size:
         raise DTrainError(f"{launcher}: rank {rank} is outside [0, {world_size})")
-    if not 0 <= local_rank < world_size:
+    if local_rank is not None and not 0 <= local_rank < world_size:
         raise DTrainError(f"{launcher}: local rank {local_rank} is outside [0, {world_size})")
 
 
@@ -83,7 +84,7 @@ class EnvVars:
     @staticmethod
     def read(env: Mapping[str, str]) -> LaunchInfo:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
-        local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        local_rank = EnvVars.local_rank(env, rank, world)
         _check_ranks("env", rank, local_rank, world)
         # A stray RANK/WORLD_SIZE exported in a shell, then `srun -n N`, would
         # start N processes that all believe the shell's values.
@@ -98,6 +99,23 @@ class EnvVars:
             raise DTrainError(f"WORLD_SIZE={world} needs MASTER_ADDR and MASTER_PORT to be set")
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None
         return LaunchInfo("env", rank, local_rank, world, env.get("MASTER_ADDR", "127.0.0.1"), port)
+
+    @staticmethod
+    def local_rank(env: Mapping[str, str], rank: int, world: int) -> Optional[int]:
+        """LOCAL_RANK if set; else rank % LOCAL_WORLD_SIZE (ranks numbered node by node); else unknown.
+
+        Taking RANK for it is right on one node only: rank 5 of a 4-per-node job
+        would bind cuda:5. Unknown is fine for a single process, on CPU or with
+        one visible GPU; `dist.resolve_device` refuses it on a node with several.
+        """
+        if "LOCAL_RANK" in env:
+            return _int(env, "LOCAL_RANK")
+        if "LOCAL_WORLD_SIZE" in env:
+            per_node = _int(env, "LOCAL_WORLD_SIZE")
+            if per_node < 1 or world % per_node:
+                raise DTrainError(f"LOCAL_WORLD_SIZE={per_node} must be >= 1 and divide WORLD_SIZE={world}")
+            return rank % per_node
+        return 0 if world == 1 else None
 
 
 class SlurmStep:

@@ -24,11 +24,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from torch.utils.data import DataLoader, DistributedSampler
+from dtrain.data import Loaders
 
 from dtrain.cli import run_cli
 from dtrain.config import Config, LRFindConfig, SchedConfig, to_yaml
-from dtrain.engine import Loop, Meter, epoch_windows, train_step
+from dtrain.meters import Meter
+from dtrain.state import TrainState
+from dtrain.step import Window, epoch_windows, train_step
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.run import session
 
@@ -107,17 +109,16 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> Suggestion:
     return Suggestion(min_loss_lr / 10, min_loss_lr, steepest_lr, "lr at the smoothed loss minimum / 10")
 
 
-def windows(loader: DataLoader, sampler: DistributedSampler, batch_size: int,
-            k: int) -> Iterator[tuple[list[Any], int]]:
+def windows(loaders: Loaders, k: int) -> Iterator[Window]:
     """The training run's windows (see `dtrain.engine.fit`), epoch after epoch, without end."""
     epoch = 0
     while True:
-        sampler.set_epoch(epoch)
-        yield from epoch_windows(loader, sampler, batch_size, k)
+        loaders.train_sampler.set_epoch(epoch)
+        yield from epoch_windows(loaders.train, loaders.train_shard, k)
         epoch += 1
 
 
-def range_test(loop: Loop, batches: Iterator[tuple[list[Any], int]], cfg: LRFindConfig, base_lr: float) -> Curve:
+def range_test(loop: TrainState, batches: Iterator[Window], cfg: LRFindConfig, base_lr: float) -> Curve:
     """Run up to cfg.num_steps optimizer steps at exponentially growing lr.
 
     Every group's lr is scaled by lr / optim.lr, so per-layer lr ratios from
@@ -136,8 +137,7 @@ def range_test(loop: Loop, batches: Iterator[tuple[list[Any], int]], cfg: LRFind
         # resets the lr to its constant base, and we overwrite it again here.
         for group, base in zip(loop.optimizer.param_groups, initial):
             group["lr"] = base * lr / base_lr
-        micro, samples = next(batches)
-        train_step(loop, micro, samples, meter)
+        train_step(loop, next(batches), meter)
         loss_sum, count = meter.take(0, loop.dist)  # all-reduced: the global sample-weighted mean
         loss = loss_sum / count
         smoothed = smoother.update(loss)
@@ -254,7 +254,7 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
             print(f"{PROG}: lr {f.start_lr:g} -> {f.end_lr:g} over {f.num_steps} steps, optim.name="
                   f"{cfg.optim.name}, global batch {run.runtime['global_batch']}, world size {ds.world_size}",
                   flush=True)
-        batches = windows(loaders.train, loaders.train_sampler, cfg.data.batch_size, cfg.train.grad_accum_steps)
+        batches = windows(loaders, cfg.train.grad_accum_steps)
         curve = range_test(run.loop, batches, f, cfg.optim.lr)
         # Rank 0's errors (e.g. a failing write) reach every rank instead of leaving them waiting.
         return ds.run_on_main(lambda: report(cfg, curve, run.runtime))

@@ -1,21 +1,27 @@
-"""Numeric precision of the forward pass: fp32, bf16 autocast, fp16 autocast + GradScaler."""
+"""Numeric precision: fp32, bf16 autocast, or fp16 autocast with its GradScaler.
+
+`Precision` owns the scaler, so the step never asks which precision it runs
+in: it calls `autocast()`, `backward(loss)`, `unscale_(opt)` before clipping
+and `step(opt)`, and learns from the last whether the optimizer stepped.
+"""
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from dtrain.errors import ConfigError
 
 
-@dataclass
 class Precision:
-    name: str
-    device: torch.device
-    scaler: Optional[torch.amp.GradScaler]
+    def __init__(self, name: str, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        self.name = name
+        self.device = device
+        self.scaler = scaler
+        self._stepped = False
+        self._hooked: set[int] = set()
 
     @property
     def dtype(self) -> Optional[torch.dtype]:
@@ -25,6 +31,42 @@ class Precision:
         if self.dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring scaled gradients back to their true size (before clipping them)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step the optimizer; False when the scaler skipped the step (fp16 overflow).
+
+        GradScaler.step reads its found-inf flag on the host once, and calls
+        optimizer.step() only if it was clear. A post-step hook tells us which
+        happened, so knowing costs no second read (get_scale() would be one).
+        """
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        if id(optimizer) not in self._hooked:
+            optimizer.register_step_post_hook(self._mark_stepped)
+            self._hooked.add(id(optimizer))
+        self._stepped = False
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self._stepped
+
+    def _mark_stepped(self, *_: Any) -> None:
+        self._stepped = True
+
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
+        if self.scaler is not None and state is not None:
+            self.scaler.load_state_dict(state)
 
 
 def check_precision(name: str, device: torch.device) -> None:

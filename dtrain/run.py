@@ -12,9 +12,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.config import Config, to_dict, to_yaml
-from dtrain.data import Datasets, Loaders, build_datasets, build_loaders
+from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, fetch_datasets
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
-from dtrain.engine import FitPlan, Loop, fit, steps_per_epoch
+from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
@@ -22,6 +22,8 @@ from dtrain.models import build_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision, check_precision
 from dtrain.progress import Progress
+from dtrain.seeding import rank_seed, seed_everything
+from dtrain.state import TrainState
 
 
 # What a run writes into output_dir; overwrite=true removes all of it first, so
@@ -74,16 +76,38 @@ def _groups_text(infos: list[GroupInfo]) -> str:
     return "param groups:\n" + "\n".join(rows)
 
 
-def build_loop(cfg: Config, ds: DistState, model: torch.nn.Module, total_steps: int,
-               precision_name: Optional[str] = None) -> tuple[Loop, list[GroupInfo]]:
-    """Wrap `model` in DDP and attach optimizer, schedule and precision."""
-    precision = build_precision(precision_name or cfg.train.precision, ds.device)
-    model = model.to(ds.device)
+@dataclass
+class Parts:
+    """What each rank builds on its own, before the ranks agree it all worked."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    groups: list[GroupInfo]
+
+
+def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> Parts:
+    model = model.to(dist_state.device)
     # Parameter-group errors surface before DDP's first broadcast of the weights.
     optimizer, infos = build_optimizer(cfg.optim, model)
-    ddp = DDP(model, device_ids=[ds.device.index] if ds.device.type == "cuda" else None)
-    scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total_steps)
-    return Loop(ddp, optimizer, scheduler, precision, ds, cfg.train.grad_accum_steps, cfg.train.grad_clip), infos
+    return Parts(model, optimizer, infos)
+
+
+def wrap(cfg: Config, dist_state: DistState, parts: Parts, total_steps: int,
+         precision_name: Optional[str] = None) -> TrainState:
+    """DDP around the model (its construction broadcasts rank 0's weights), schedule and precision."""
+    precision = build_precision(precision_name or cfg.train.precision, dist_state.device)
+    device_ids = [dist_state.device.index] if dist_state.device.type == "cuda" else None
+    ddp = DDP(parts.model, device_ids=device_ids)
+    scheduler = build_scheduler(cfg.sched, parts.optimizer, cfg.optim.lr, total_steps)
+    return TrainState(ddp, parts.optimizer, scheduler, precision, dist_state, cfg.train.grad_accum_steps,
+                      cfg.train.grad_clip)
+
+
+def build_loop(cfg: Config, dist_state: DistState, model: torch.nn.Module, total_steps: int,
+               precision_name: Optional[str] = None) -> tuple[TrainState, list[GroupInfo]]:
+    """Model -> optimizer -> DDP in one go, for callers that need no agreement step (tests, tools)."""
+    parts = build_parts(cfg, dist_state, model)
+    return wrap(cfg, dist_state, parts, total_steps, precision_name), parts.groups
 
 
 @dataclass
@@ -93,7 +117,7 @@ class Session:
     ds: DistState
     data: Datasets
     loaders: Loaders
-    loop: Loop
+    loop: TrainState
     groups: list[GroupInfo]
     steps_per_epoch: int
     total_steps: int
@@ -115,28 +139,39 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
 
     with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
         ds.run_on_main(prepare)
-        # Seeding right before data and model makes the initial weights a function of
-        # train.seed alone: identical on every rank, in train() and in lr_find().
-        torch.manual_seed(cfg.train.seed)
-        data = build_datasets(cfg.data, cfg.train.seed, ds)
-        loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
-        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        fetch_datasets(cfg.data, ds)
+        # Each rank builds its data, model and optimizer alone; then all agree that every
+        # rank succeeded (one collective), so a rank whose factory raised stops the others
+        # at once instead of leaving them in DDP's first broadcast until dist.timeout_s.
+        error: Optional[Exception] = None
+        try:
+            # Seeding right before data and model makes the initial weights a function of
+            # train.seed alone: identical on every rank, in train() and in lr_find().
+            seed_everything(cfg.train.seed)
+            data = build_datasets(cfg.data, cfg.train.seed)
+            loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
+            parts = build_parts(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes))
+        except Exception as exc:
+            error = exc
+        ds.check_all(error, "during set-up")
+        # From here on, randomness (dropout, say) differs between ranks, reproducibly.
+        seed_everything(rank_seed(cfg.train.seed, ds.rank, ds.world_size))
         per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
         total = total_steps or plan_for(cfg).total_steps(per_epoch)
-        loop, groups = build_loop(cfg, ds, model, total)
-        yield Session(ds, data, loaders, loop, groups, per_epoch, total,
+        loop = wrap(cfg, ds, parts, total)
+        yield Session(ds, data, loaders, loop, parts.groups, per_epoch, total,
                       runtime_summary(cfg, ds, loop.precision.name))
 
 
 def plan_for(cfg: Config) -> FitPlan:
-    return FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps, cfg.data.batch_size)
+    return FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps)
 
 
 @dataclass
 class RunResult:
     eval: Optional[dict[str, float]]
     """The last evaluation (loss, accuracy, samples)."""
-    loop: Loop
+    loop: TrainState
     """The trained loop: model, optimizer, schedule and counters."""
 
 
@@ -162,8 +197,7 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult
                        f"{run.steps_per_epoch} steps per epoch, {run.total_steps} steps in all")
         try:
             with logger:
-                result = fit(loop, run.loaders.train, run.loaders.train_sampler, run.loaders.eval,
-                             plan_for(cfg), logger, progress)
+                result = fit(loop, run.loaders, plan_for(cfg), logger, progress)
         finally:
             progress.close()
         if ds.is_main and cfg.train.save_model:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from dtrain.engine import window_sizes
 from helpers import worker
 
 
@@ -22,13 +21,3 @@ def test_one_allreduce_per_optimizer_step_with_k4() -> None:
     assert out["control_rounds"] == out["micro_steps"]
     print(f"K=4: {out['rounds']} all-reduces for {out['steps']} optimizer steps; "
           f"without no_sync: {out['control_rounds']} for {out['micro_steps']} micro-steps")
-
-
-@pytest.mark.parametrize("n, b, batches, k, expected", [
-    (100, 16, 7, 1, [16, 16, 16, 16, 16, 16, 4]),
-    (100, 16, 7, 4, [64, 36]),
-    (250, 16, 16, 4, [64, 64, 64, 58]),
-    (64, 16, 4, 4, [64]),
-])
-def test_window_sizes(n: int, b: int, batches: int, k: int, expected: list[int]) -> None:
-    assert window_sizes(n, b, batches, k) == expected

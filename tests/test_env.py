@@ -38,8 +38,30 @@ def test_torchrun_under_srun_trusts_torchrun() -> None:
 
 
 def test_plain_env_vars() -> None:
-    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234", "LOCAL_RANK": "1"}
     assert detect_launch(env) == LaunchInfo("env", 1, 1, 2, "h", 1234)
+
+
+@pytest.mark.parametrize("extra, local_rank", [
+    ({"LOCAL_RANK": "2"}, 2),
+    ({"LOCAL_WORLD_SIZE": "4"}, 1),   # rank 5 of 4 per node: the second process of the second node
+    ({"LOCAL_WORLD_SIZE": "8"}, 5),
+    ({}, None),                       # nothing says: unknown, never RANK (that would be cuda:5)
+])
+def test_manual_launch_local_rank(extra: dict[str, str], local_rank: object) -> None:
+    env = {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "h", "MASTER_PORT": "1234", **extra}
+    assert detect_launch(env).local_rank == local_rank
+
+
+def test_manual_launch_of_one_process_needs_no_local_rank() -> None:
+    assert detect_launch({"RANK": "0", "WORLD_SIZE": "1"}).local_rank == 0
+
+
+@pytest.mark.parametrize("lws", ["3", "0"])
+def test_local_world_size_must_divide_the_world(lws: str) -> None:
+    env = {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "h", "MASTER_PORT": "1234", "LOCAL_WORLD_SIZE": lws}
+    with pytest.raises(DTrainError, match=f"LOCAL_WORLD_SIZE={lws} must be >= 1 and divide WORLD_SIZE=8"):
+        detect_launch(env)
 
 
 def test_srun_step() -> None:

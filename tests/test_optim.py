@@ -10,7 +10,7 @@ import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pytest
 import torch
@@ -20,7 +20,9 @@ from dtrain.__main__ import main as dtrain_main
 from dtrain.config import Config, OptimConfig, ParamGroupConfig, SchedConfig, load_config
 from dtrain.data import build_datasets, build_loaders
 from dtrain.dist import DistState, distributed
-from dtrain.engine import Loop, Meter, train_step
+from dtrain.meters import Meter
+from dtrain.state import TrainState
+from dtrain.step import Window, epoch_windows, train_step
 from dtrain.env import LaunchInfo
 from dtrain.errors import ConfigError
 from dtrain.models import build_model, mlp
@@ -316,20 +318,16 @@ def test_logged_lr_is_the_same_at_any_world_size_and_accumulation(tmp_path: Path
 # ---------------------------------------------------------------- Loop state
 
 
-def _batches(cfg: Config, ds: DistState, n: int) -> list[tuple[list[Any], int]]:
-    data = build_datasets(cfg.data, cfg.train.seed, ds)
+def _batches(cfg: Config, ds: DistState, n: int) -> list[Window]:
+    data = build_datasets(cfg.data, cfg.train.seed)
     loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
     loaders.train_sampler.set_epoch(0)
-    it: Iterator[Any] = iter(loaders.train)
-    k = cfg.train.grad_accum_steps
-    out = []
-    for _ in range(n):
-        micro = [next(it) for _ in range(k)]
-        out.append((micro, sum(int(b[1].shape[0]) for b in micro)))
-    return out
+    windows = list(epoch_windows(loaders.train, loaders.train_shard, cfg.train.grad_accum_steps))
+    assert len(windows) >= n
+    return windows[:n]
 
 
-def _fresh_loop(cfg: Config, ds: DistState, seed: int, total: int) -> Loop:
+def _fresh_loop(cfg: Config, ds: DistState, seed: int, total: int) -> TrainState:
     torch.manual_seed(seed)
     model = build_model(cfg.model, (cfg.data.num_features,), cfg.data.num_classes)
     return build_loop(cfg, ds, model, total)[0]
@@ -344,21 +342,21 @@ def test_loop_state_round_trips(tmp_path: Path) -> None:
         batches = _batches(cfg, ds, total)
         loop = _fresh_loop(cfg, ds, 0, total)
         meter = Meter(ds.device)
-        for micro, n in batches[:5]:
-            train_step(loop, micro, n, meter)
+        for window in batches[:5]:
+            train_step(loop, window, meter)
         buf = io.BytesIO()
         torch.save(loop.state_dict(), buf)  # a real checkpoint: no tensor shared with the loop
 
-        for micro, n in batches[5:]:
-            train_step(loop, micro, n, meter)
+        for window in batches[5:]:
+            train_step(loop, window, meter)
         # Other initial weights, so only load_state_dict can make the two agree.
         resumed = _fresh_loop(cfg, ds, 123, total)
         buf.seek(0)
         resumed.load_state_dict(torch.load(buf))
         assert resumed.step == 5
         assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr("cosine", 5, 0.01, total, 2))
-        for micro, n in batches[5:]:
-            train_step(resumed, micro, n, meter)
+        for window in batches[5:]:
+            train_step(resumed, window, meter)
 
         assert resumed.step == loop.step == total
         assert resumed.scheduler.get_last_lr() == loop.scheduler.get_last_lr()

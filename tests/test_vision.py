@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from dtrain.config import DataConfig, load_config
-from dtrain.data import build_datasets
+from dtrain.data import build_datasets, fetch_datasets
 from dtrain.dist import DistState
 from dtrain.errors import DTrainError
 from dtrain.run import train
@@ -79,7 +79,7 @@ def assert_one_line_error(err: pytest.ExceptionInfo[DTrainError], *needles: str)
 def test_build_datasets_reads_the_real_formats_normalised(name: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = write(name, tmp_path, monkeypatch)
-    data = build_datasets(DataConfig(name=name, root=str(tmp_path)), seed=0, dist_state=SINGLE)
+    data = build_datasets(DataConfig(name=name, root=str(tmp_path)), seed=0)
 
     assert data.input_shape == SHAPES[name] and data.num_classes == 10
     assert (len(data.train), len(data.eval)) == (N_TRAIN, N_TEST)
@@ -174,7 +174,9 @@ def test_download_true_with_files_present_downloads_nothing(tmp_path: Path, monk
         raise AssertionError("downloaded although every file was there")
 
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", no_network)
-    data = build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=True), seed=0, dist_state=SINGLE)
+    cfg = DataConfig(name="mnist", root=str(tmp_path), download=True)
+    fetch_datasets(cfg, SINGLE)
+    data = build_datasets(cfg, seed=0)
     assert (len(data.train), len(data.eval)) == (N_TRAIN, N_TEST)
 
 

@@ -42,7 +42,7 @@ def main() -> None:
                              f"train.grad_accum_steps={k}", "train.epochs=1"])
     with distributed(detect_launch(os.environ), "gloo", "cpu") as ds:
         torch.manual_seed(0)
-        data = build_datasets(cfg.data, 0, ds)
+        data = build_datasets(cfg.data, 0)
         loaders = build_loaders(data, cfg.data, 0, ds)
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         per_epoch = steps_per_epoch(loaders.train, k)
@@ -50,8 +50,8 @@ def main() -> None:
 
         counter = Counter()
         loop.model.register_comm_hook(counter, counting_hook)
-        plan = FitPlan(1, None, 1000, cfg.data.batch_size)
-        fit(loop, loaders.train, loaders.train_sampler, loaders.eval, plan, null_logger(),
+        plan = FitPlan(1, None, 1000)
+        fit(loop, loaders, plan, null_logger(),
             Progress("none", per_epoch, False))
         steps, rounds = loop.step, counter.rounds
 

@@ -1,0 +1,56 @@
+"""Training state: everything a run changes, and nothing that runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dtrain.dist import DistState
+from dtrain.precision import Precision
+
+
+@dataclass
+class TrainState:
+    """The model, its optimizer, schedule and precision, and the counters; `state_dict()` captures all of it."""
+
+    model: DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    dist: DistState
+    grad_accum_steps: int = 1
+    grad_clip: Optional[float] = None
+    step: int = 0
+    """Optimizer steps attempted (windows completed); the step of every log record."""
+    epoch: int = 0
+    """Epochs completed."""
+    skipped_steps: int = 0
+    """fp16 steps whose gradients overflowed; the scaler skipped them and the schedule did not advance."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The user's model, unwrapped from DDP."""
+        return self.model.module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("scaler"))
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,0 +1,140 @@
+"""One optimizer step: the notes' five steps on DDP, over a window of K micro-batches.
+
+  zero_grad -> for each micro-batch: forward, loss, backward -> (clip) -> step
+
+Two rules make any (world size W, batch B, accumulation K) compute the
+gradient of one big batch of the same samples:
+  * a window's gradient is the sum of per-sample losses over the real samples
+    of the global window (all ranks) divided by their global count. Each rank
+    scales its summed loss by W / count, because DDP then averages over the W
+    ranks. The count comes from the micro-batches actually fetched and the
+    sampler's padding rule (`TrainShard`), all host arithmetic: no collective.
+    Samples the sampler repeated to even out the ranks are cut off the
+    micro-batch, so they count nowhere.
+  * the gradient all-reduce runs once per window: the first micro-steps run
+    under `no_sync()`, and DDP reduces the accumulated gradients on the last.
+
+Nothing here reads a value back to the host, except GradScaler's one found-inf
+read per step with fp16.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dtrain.data import TrainShard
+from dtrain.meters import Meter, Timer
+from dtrain.state import TrainState
+
+
+def batch_len(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_len(batch[0])
+    if isinstance(batch, dict) and batch:
+        return batch_len(next(iter(batch.values())))
+    raise TypeError(f"cannot tell how many samples a batch of type {type(batch).__name__} holds")
+
+
+def batch_head(batch: Any, n: int) -> Any:
+    """The first n samples of every tensor in a batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_head(b, n) for b in batch)
+    if isinstance(batch, dict):
+        return {k: batch_head(v, n) for k, v in batch.items()}
+    return batch
+
+
+@dataclass
+class Window:
+    """The micro-batches of one optimizer step on this rank, and which of their samples are real."""
+
+    batches: list[Any]
+    real: list[int]
+    """Real samples at the head of each micro-batch; the rest are the sampler's repeats."""
+    global_real: int
+    """Real samples in the window on all ranks together: the divisor of the summed loss."""
+
+
+def epoch_windows(loader: DataLoader, shard: TrainShard, k: int,
+                  timer: Optional[Timer] = None) -> Iterator[Window]:
+    """One epoch of this rank's loader as windows of up to k micro-batches.
+
+    A window's micro-batches are all fetched before its first forward, so its
+    sample count, and so the loss scale, comes from what was read.
+    """
+    it = iter(loader)
+    position = 0  # this rank's position in the epoch, counted from the batches fetched
+    exhausted = False
+    while not exhausted:
+        t = time.perf_counter()
+        batches: list[Any] = []
+        for _ in range(k):
+            try:
+                batches.append(next(it))
+            except StopIteration:
+                exhausted = True
+                break
+        if timer is not None:
+            timer.data += time.perf_counter() - t
+        if not batches:
+            return
+        real, start = [], position
+        for b in batches:
+            n = batch_len(b)
+            real.append(shard.real_between(position, position + n))
+            position += n
+        yield Window(batches, real, shard.global_real_between(start, position))
+
+
+def _to(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def train_step(state: TrainState, window: Window, meter: Meter) -> Optional[torch.Tensor]:
+    """One optimizer step over a window; returns the pre-clip grad norm (a device tensor) or None."""
+    model, opt, precision = state.model, state.optimizer, state.precision
+    # DDP averages gradients over ranks; this undoes it so the sum is over the global window.
+    scale = state.dist.world_size / window.global_real
+    opt.zero_grad(set_to_none=True)
+    last = len(window.batches) - 1
+    for j, (batch, real) in enumerate(zip(window.batches, window.real)):
+        if real < batch_len(batch):
+            # A micro-batch of repeats only still runs forward and backward on one of
+            # them: DDP needs every rank's backward, and an empty batch would feed NaN
+            # into BatchNorm's running statistics. Its loss is multiplied by zero.
+            batch = batch_head(batch, max(real, 1))
+        x, y = _to(batch, state.dist.device)
+        # Skip DDP's all-reduce on all but the window's last backward.
+        with model.no_sync() if j < last else nullcontext():
+            with precision.autocast():
+                out = model(x)
+                loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+            if real == 0:
+                loss_sum = loss_sum * 0.0
+            precision.backward(loss_sum * scale)
+        meter.add(loss_sum, real)
+
+    grad_norm = None
+    if state.grad_clip is not None:
+        precision.unscale_(opt)  # clip the true gradients, not the scaled ones
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
+    state.step += 1
+    if precision.step(opt):
+        state.scheduler.step()
+    else:
+        state.skipped_steps += 1  # an fp16 overflow: the schedule does not advance either
+    return grad_norm

@@ -33,7 +33,8 @@ class DataConfig:
     root: str = "data"
     """Directory holding the torchvision datasets' files."""
     download: bool = False
-    """Let torchvision download missing files (rank 0 only; needs internet)."""
+    """Let torchvision download missing files (needs internet): rank 0 first, then the first rank of each
+    other node fetches what its node lacks, so node-local and shared data.root both work."""
     batch_size: int = 32
     """Samples per process per micro-step; the global batch is this x grad_accum_steps x world_size."""
     eval_batch_size: int = 256

@@ -59,3 +59,36 @@ def test_digits_ships_offline_with_a_fixed_split() -> None:
     x, _ = d.train.tensors
     assert 0.0 <= x.min() and x.max() <= 1.0
     assert torch.equal(digits().eval.tensors[1], d.eval.tensors[1])
+
+
+class _Noise(torch.utils.data.Dataset):
+    """Each item is what a random augmentation in a worker would draw: torch, random and numpy."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        return torch.tensor([torch.rand(()).item(), random.random(), float(np.random.rand())])
+
+
+def _worker_draws(rank: int, world_size: int = 2, seed: int = 3) -> torch.Tensor:
+    from dtrain.data import Datasets
+
+    cfg = DataConfig(name="synthetic", batch_size=2, num_workers=2)
+    data = Datasets(_Noise(), _Noise(), (3,), 2)
+    ds = DistState("test", rank, rank, world_size, "gloo", torch.device("cpu"))
+    loaders = build_loaders(data, cfg, seed=seed, dist_state=ds)
+    loaders.train_sampler.set_epoch(0)
+    return torch.cat(list(loaders.train))
+
+
+def test_worker_randomness_differs_between_ranks_and_repeats() -> None:
+    r0, r1 = _worker_draws(0), _worker_draws(1)
+    for source in range(3):  # torch, random, numpy: each differs between the ranks
+        assert not torch.equal(r0[:, source], r1[:, source]), source
+    assert torch.equal(_worker_draws(0), r0) and torch.equal(_worker_draws(1), r1)
+    assert not torch.equal(_worker_draws(0, seed=4), r0)

@@ -68,3 +68,78 @@ def test_clipping_logs_pre_clip_norm_and_bounds_the_update(tmp_path: Path, nproc
     after = torch.load(out / "model.pt")
     delta = torch.cat([(after[n] - before[n]).flatten() for n in before]).norm().item()
     assert delta == pytest.approx(LR * CLIP, rel=1e-4)
+
+
+# ---------------------------------------------------------------- the scaler's host reads, on CPU
+# GradScaler also runs on CPU ("cpu" device), so its logic in the step is tested here; the
+# CUDA-only test in test_gpu.py counts real syncs with CUDA's sync debug mode.
+
+def _scaled_state(scale: float):  # -> (TrainState, list[Window]); a fp32 model under a CPU GradScaler
+    from dtrain.config import load_config
+    from dtrain.data import build_datasets, build_loaders
+    from dtrain.dist import distributed
+    from dtrain.env import LaunchInfo
+    from dtrain.precision import Precision
+    from dtrain.run import build_loop
+    from dtrain.step import epoch_windows
+
+    cfg = load_config(None, ["data.name=synthetic", "data.train_size=256", "train.grad_accum_steps=2",
+                             "train.grad_clip=1.0", "optim.momentum=0.0"])
+    ctx = distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "gloo", "cpu")
+    ds = ctx.__enter__()
+    data = build_datasets(cfg.data, 0)
+    loaders = build_loaders(data, cfg.data, 0, ds)
+    torch.manual_seed(0)
+    state, _ = build_loop(cfg, ds, mlp(data.input_shape, data.num_classes), 100)
+    state.precision = Precision("fp32", ds.device, torch.amp.GradScaler("cpu", init_scale=scale))
+    loaders.train_sampler.set_epoch(0)
+    return ctx, state, list(epoch_windows(loaders.train, loaders.train_shard, 2))
+
+
+def test_a_scaled_step_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dtrain.meters import Meter
+    from dtrain.step import train_step
+
+    ctx, state, windows = _scaled_state(2.0 ** 8)
+    try:
+        meter = Meter(state.dist.device)
+        train_step(state, windows[0], meter)
+        reads = []
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _name=name, _orig=original):  # type: ignore[no-untyped-def]
+                reads.append(_name)
+                return _orig(self, *a)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        for window in windows[1:4]:
+            train_step(state, window, meter)
+        monkeypatch.undo()
+        assert len(reads) == 3, reads  # one found-inf read per optimizer step, nothing else
+        assert state.step == 4 and state.skipped_steps == 0 and state.scheduler.last_epoch == 4
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_an_overflowing_scaled_step_is_skipped_and_counted() -> None:
+    from dtrain.meters import Meter
+    from dtrain.step import train_step
+
+    ctx, state, windows = _scaled_state(2.0 ** 8)
+    try:
+        meter = Meter(state.dist.device)
+        train_step(state, windows[0], meter)
+        before = {k: v.clone() for k, v in state.module.state_dict().items()}
+        scaler = state.precision.scaler
+        assert scaler is not None
+        scaler.update(new_scale=float("inf"))  # every scaled gradient overflows
+        train_step(state, windows[1], meter)
+        assert state.step == 2 and state.skipped_steps == 1
+        assert state.scheduler.last_epoch == 1  # the schedule did not advance
+        assert all(torch.equal(v, before[k]) for k, v in state.module.state_dict().items())
+        scaler.update(new_scale=2.0 ** 8)
+        train_step(state, windows[2], meter)
+        assert state.skipped_steps == 1 and state.scheduler.last_epoch == 2
+    finally:
+        ctx.__exit__(None, None, None)

@@ -9,13 +9,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import yaml
 
 from dtrain.config import load_config
 from dtrain.errors import DTrainError
 from dtrain.run import train
-from helpers import REPO, records, run, srun_like, worker
+from helpers import REPO, dtrain, records, run, srun_like, worker
 
 
 @pytest.mark.multiproc
@@ -35,6 +36,8 @@ def test_default_job_with_four_processes_and_no_arguments(tmp_path: Path) -> Non
     evals = records(out, "eval")
     assert len(evals) == 20 and evals[-1]["samples"] == 359
     assert evals[-1]["accuracy"] >= 0.90
+    # 1438 training samples on 4 ranks: the sampler pads to 1440, and the 2 repeats count nowhere.
+    assert {r["samples"] for r in records(out, "train_epoch")} == {1438}
     # Rank 0 alone prints progress: the final line once, not four times.
     assert res.stdout.count("final eval") == 1
     print(f"default job, 4 processes: accuracy {evals[-1]['accuracy']:.4f}")
@@ -187,3 +190,47 @@ def test_accelerate_launch_runs_the_same_job(tmp_path: Path) -> None:
     assert runtime["launcher"] == "torchrun" and runtime["world_size"] == 2
     dtrain(2, [*args, f"output_dir={tmp_path}/torchrun"])
     assert [r["loss"] for r in records(tmp_path / "acc")] == [r["loss"] for r in records(tmp_path / "torchrun")]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_randomness_differs_between_ranks_and_repeats_run_after_run(tmp_path: Path) -> None:
+    """Dropout masks differ between the 2 ranks; initial weights do not; a second run is bit-identical."""
+    def one(tag: str) -> Path:
+        out = tmp_path / tag
+        out.mkdir()
+        dtrain(2, ["data.name=synthetic", "data.train_size=200", "data.num_workers=2", "train.epochs=2",
+                   "model.name=tests.workers.dropout_model:build", f"output_dir={out / 'run'}"],
+               env={"DTRAIN_TEST_RNG_OUT": str(out)})
+        return out
+
+    a, b = one("a"), one("b")
+    masks = [torch.load(a / f"mask_rank{r}.pt") for r in (0, 1)]
+    assert masks[0].shape == masks[1].shape and not torch.equal(masks[0], masks[1])
+    assert 0.3 < masks[0].float().mean().item() < 0.7  # it really is p=0.5 dropout
+    inits = [torch.load(a / f"init_rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+    for r in (0, 1):
+        assert torch.equal(torch.load(b / f"mask_rank{r}.pt"), torch.load(a / f"mask_rank{r}.pt"))
+    wa, wb = torch.load(a / "run" / "model.pt"), torch.load(b / "run" / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("failing_rank", [1, 0])
+def test_a_rank_that_fails_during_set_up_stops_the_others_at_once(tmp_path: Path, failing_rank: int) -> None:
+    """One rank's model factory raises: the other must not wait in DDP's first broadcast until the timeout."""
+    import time
+
+    start = time.monotonic()
+    res = dtrain(2, ["data.name=synthetic", "model.name=tests.workers.failing_model:build_or_raise",
+                     "dist.timeout_s=300", f"output_dir={tmp_path / 'run'}"],
+                 env={"DTRAIN_TEST_FAIL_RANK": str(failing_rank)}, check=False, timeout=100)
+    elapsed = time.monotonic() - start
+    assert res.returncode != 0 and elapsed < 60, elapsed
+    other = 1 - failing_rank
+    line = f"rank {failing_rank} failed during set-up: RuntimeError: failing_model: deliberate failure in the factory"
+    assert line in res.stderr, res.stderr
+    assert f"dtrain: error (rank {other}): {line}" in res.stderr or f"dtrain: error: {line}" in res.stderr
+    print(f"set-up failure on rank {failing_rank}: every rank out after {elapsed:.1f} s")

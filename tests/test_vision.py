@@ -236,3 +236,42 @@ def test_missing_files_exit_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("dtrain: error:") and "data.download=true" in lines[0]
     assert str(tmp_path / "nothing" / "MNIST" / "raw") in lines[0]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("storage", ["node-local", "shared"])
+def test_download_once_per_file_system_on_two_nodes(tmp_path: Path, storage: str) -> None:
+    """Two 'nodes' of one process each (RANK 0 and 1, LOCAL_RANK 0 on both), each in its own directory.
+
+    A relative data.root is node-local storage (each node's own copy: two downloads);
+    an absolute one is shared (one download, and the second node reads it).
+    """
+    import subprocess
+    import sys as _sys
+
+    from helpers import WORKERS, child_env, free_port
+
+    log = tmp_path / "downloads.log"
+    log.touch()
+    root = "data" if storage == "node-local" else str(tmp_path / "shared")
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        env = child_env({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DTRAIN_TEST_DOWNLOAD_LOG": str(log)})
+        procs.append(subprocess.Popen(
+            [_sys.executable, str(WORKERS / "download_node.py"), "data.name=mnist", "data.download=true",
+             f"data.root={root}", "data.batch_size=8", "train.epochs=1", f"output_dir={tmp_path / 'run'}"],
+            cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=150) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    lines = sorted(log.read_text().splitlines())
+    if storage == "shared":
+        assert lines == [f"0 {tmp_path / 'shared'}"]
+    else:
+        assert lines == [f"0 {tmp_path / 'node0' / 'data'}", f"1 {tmp_path / 'node1' / 'data'}"]
+    (ev,) = records(tmp_path / "run", "eval")
+    assert ev["samples"] == 10

@@ -49,3 +49,10 @@ def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     raises = fail_rank is None or fail_rank == os.environ.get("RANK", "0")
     return FailingMLP(input_shape, num_classes, fail_at=int(os.environ.get(FAIL_AT_ENV, "5")), raises=raises,
                       stall_s=float(os.environ.get(STALL_S_ENV, "0")))
+
+
+def build_or_raise(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Raise in the factory itself on the rank named by DTRAIN_TEST_FAIL_RANK (set-up failure)."""
+    if os.environ.get(FAIL_RANK_ENV) == os.environ.get("RANK", "0"):
+        raise RuntimeError("failing_model: deliberate failure in the factory")
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))

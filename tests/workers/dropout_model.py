@@ -1,0 +1,47 @@
+"""A model factory with dropout that records, per rank, its initial weights and its first dropout mask.
+
+For `model.name=tests.workers.dropout_model:build` with DTRAIN_TEST_RNG_OUT set
+to a directory: the factory writes init_rank<R>.pt, and the first training
+forward writes mask_rank<R>.pt. The mask is drawn from the global torch RNG
+exactly as nn.Dropout draws it, so it shows what dropout sees on that rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OUT_ENV = "DTRAIN_TEST_RNG_OUT"
+
+
+def _out(name: str) -> Path:
+    return Path(os.environ[OUT_ENV]) / f"{name}_rank{os.environ.get('RANK', '0')}.pt"
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 64), nn.Linear(64, num_classes)
+        self.recorded = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x.flatten(1)))
+        if self.training:
+            keep = F.dropout(torch.ones_like(h), p=0.5, training=True)
+            if not self.recorded:
+                torch.save(keep != 0, _out("mask"))
+                self.recorded = True
+            h = h * keep
+        return self.fc2(h)
+
+
+def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    model = DropoutMLP(math.prod(input_shape), num_classes)
+    torch.save(model.state_dict(), _out("init"))
+    return model

@@ -1,3 +1,35 @@
-"""dtrain: plain data-parallel training on PyTorch DDP, launched any way you launch."""
+"""dtrain: data-parallel training on PyTorch DDP, exact at any scale, launched any way.
+
+    import dtrain
+    result = dtrain.train(model=net, train_data=train_set, eval_data=test_set, loss="mse")
+
+Importing dtrain imports no torch; `dtrain.train` and friends load it when first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["train", "load_config", "Config", "Result", "Datasets", "DTrainError"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `python -m dtrain --help` and config errors never wait for torch.
+    if name in ("train", "Result"):
+        from dtrain import api
+
+        return getattr(api, name)
+    if name in ("load_config", "Config"):
+        from dtrain import config
+
+        return getattr(config, name)
+    if name == "Datasets":
+        from dtrain.data import Datasets
+
+        return Datasets
+    if name == "DTrainError":
+        from dtrain.errors import DTrainError
+
+        return DTrainError
+    raise AttributeError(f"module 'dtrain' has no attribute {name!r}")

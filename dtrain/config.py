@@ -24,12 +24,25 @@ SCHEDULES = ("constant", "step", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
+# Kept here, not imported from dtrain.task/models, so that loading a config imports no torch.
+LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits")
+METRICS = ("accuracy", "mae")
+MODEL_INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 
 @dataclass
 class DataConfig:
     name: str = "digits"
-    """Dataset: digits (bundled with scikit-learn), synthetic, mnist, fashion_mnist, cifar10."""
+    """Dataset: digits (bundled with scikit-learn), synthetic, mnist, fashion_mnist, cifar10, or a user factory
+    'package.module:function' returning (train_dataset, eval_dataset) or a dtrain.Datasets. The factory is
+    called with those of root, seed, download it names, plus data.kwargs, on every rank (with
+    data.download=true, first on rank 0 and on each node's first rank, then on the others)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a user data factory, e.g. {size: 5000}."""
+    input_key: str = "input"
+    """Where the inputs are in a batch that is a dict (a pair is always (inputs, targets))."""
+    target_key: str = "target"
+    """Where the targets are in a batch that is a dict."""
     root: str = "data"
     """Directory holding the torchvision datasets' files."""
     download: bool = False
@@ -54,9 +67,29 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    """mlp | cnn | a user factory 'package.module:function' called with (input_shape, num_classes)."""
+    """mlp | cnn | a user factory 'package.module:function', e.g. torchvision.models:resnet18. It is called
+    with those of input_shape and num_classes it names (num_classes is the number of outputs: the classes,
+    or a regression target's width), plus model.kwargs."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a model factory, e.g. {num_classes: 10}; always passed, and they win."""
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     """mlp only: hidden layer widths."""
+    init: str = "default"
+    """default (the layers' own) | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal: applied
+    to every Linear and Conv weight, their biases set to zero; identical on every rank."""
+    freeze: list[str] = field(default_factory=list)
+    """Globs over parameter names: matched parameters get requires_grad=False and stay out of the optimizer."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"
+    """cross_entropy | mse | l1 | smooth_l1 | bce_with_logits | a function 'package.module:function' of
+    (outputs, targets) returning one loss per sample (shape [batch]); see dtrain/task.py."""
+    metrics: list[str] = field(default_factory=list)
+    """Extra eval metrics: accuracy | mae | 'package.module:function' of (outputs, targets) returning one
+    value per sample; each is logged as its mean over the eval set. cross_entropy and bce_with_logits
+    report accuracy, mse reports mae, without being asked."""
 
 
 @dataclass
@@ -163,6 +196,7 @@ class LRFindConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -198,9 +232,10 @@ def _omegaconf_error(exc: OmegaConfBaseException) -> DTrainError:
     return ConfigError(key, getattr(exc, "value", None), allowed)
 
 
-def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Build the run's config; raise DTrainError/ConfigError on any bad input."""
-    base = OmegaConf.structured(Config)
+def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = (),
+                base_config: Optional[Config] = None) -> Config:
+    """Build the run's config: defaults (or `base_config`) <- YAML file <- overrides; DTrainError on bad input."""
+    base = OmegaConf.structured(base_config if base_config is not None else Config)
     try:
         layers = [base]
         if config_file is not None:
@@ -247,7 +282,8 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
 def validate(cfg: Config) -> None:
     """Range and choice checks. Raises ConfigError; never uses assert (stripped by -O)."""
     d, m, o, s, t, lg = cfg.data, cfg.model, cfg.optim, cfg.sched, cfg.train, cfg.log
-    _choice("data.name", d.name, DATASETS)
+    _check(d.name in DATASETS or ":" in d.name, "data.name", d.name,
+           f"{' | '.join(DATASETS)} | a factory 'package.module:function'")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
@@ -259,6 +295,13 @@ def validate(cfg: Config) -> None:
     _check(m.name in ("mlp", "cnn") or ":" in m.name, "model.name", m.name,
            "mlp | cnn | a factory 'package.module:function'")
     _check(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "a list of integers >= 1")
+    _choice("model.init", m.init, MODEL_INITS)
+    _check(all(bool(g) for g in m.freeze), "model.freeze", m.freeze, "a list of non-empty globs")
+    _check(cfg.loss.name in LOSSES or ":" in cfg.loss.name, "loss.name", cfg.loss.name,
+           f"{' | '.join(LOSSES)} | a function 'package.module:function'")
+    for i, metric in enumerate(cfg.loss.metrics):
+        _check(metric in METRICS or ":" in metric, f"loss.metrics[{i}]", metric,
+               f"{' | '.join(METRICS)} | a function 'package.module:function'")
 
     _choice("optim.name", o.name, OPTIMIZERS)
     # A setting the chosen optimizer ignores is almost always a mistake (e.g.

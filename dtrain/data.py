@@ -14,8 +14,9 @@ the eval loss and accuracy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Sized, cast
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Optional, Sized, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 from dtrain.config import DataConfig
 from dtrain.dist import DistState
 from dtrain.errors import DTrainError
+from dtrain.factories import call_factory, load_callable
 from dtrain.seeding import rank_seed
 
 # The digits split is fixed, whatever train.seed is, so eval numbers of runs
@@ -33,10 +35,16 @@ DIGITS_EVAL_FRACTION = 0.2
 
 @dataclass(frozen=True)
 class Datasets:
+    """A run's data: what a data factory may return instead of a bare (train, eval) pair."""
+
     train: Dataset
-    eval: Dataset
-    input_shape: tuple[int, ...]
-    num_classes: int
+    eval: Optional[Dataset] = None
+    """None: no evaluation."""
+    input_shape: Optional[tuple[int, ...]] = None
+    """One sample's input shape; None: read off the first training sample."""
+    num_classes: Optional[int] = None
+    """The model's number of outputs (classes, or a regression target's width); None: worked out where the
+    data says (integer labels of a TensorDataset, a `classes` attribute, float targets' width)."""
 
 
 def digits() -> Datasets:
@@ -66,7 +74,67 @@ def synthetic(cfg: DataConfig, seed: int) -> Datasets:
                     (cfg.num_features,), cfg.num_classes)
 
 
-def fetch_datasets(cfg: DataConfig, dist_state: DistState) -> None:
+def _factory_datasets(cfg: DataConfig, seed: int) -> Datasets:
+    fn = load_callable("data.name", cfg.name, "digits | synthetic | mnist | fashion_mnist | cifar10 | "
+                                              "a factory 'package.module:function'")
+    label = f"data factory {cfg.name}"
+    got = call_factory(fn, label, {"root": os.path.expanduser(cfg.root), "seed": seed,
+                                   "download": cfg.download}, dict(cfg.kwargs))
+    return as_datasets(got, label)
+
+
+def as_datasets(got: Any, label: str) -> Datasets:
+    """A factory's (train, eval) pair or Datasets, checked: map-style datasets with a length."""
+    if isinstance(got, Datasets):
+        data = got
+    elif isinstance(got, (tuple, list)) and len(got) == 2:
+        data = Datasets(got[0], got[1])
+    else:
+        what = f"a {type(got).__name__} of {len(got)}" if isinstance(got, (tuple, list)) else type(got).__name__
+        raise DTrainError(f"{label} returned {what}; expected (train_dataset, eval_dataset) or dtrain.Datasets")
+    for role, ds in (("train", data.train), ("eval", data.eval)):
+        if ds is None and role == "eval":
+            continue
+        if isinstance(ds, torch.utils.data.IterableDataset) or not (hasattr(ds, "__getitem__")
+                                                                    and hasattr(ds, "__len__")):
+            raise DTrainError(f"{label}: the {role} dataset is a {type(ds).__name__}; expected a map-style "
+                              "dataset (with __len__ and __getitem__), e.g. a TensorDataset")
+    if len(cast(Sized, data.train)) == 0:
+        raise DTrainError(f"{label}: the train dataset is empty")
+    return data
+
+
+def describe(data: Datasets, split: Any) -> Datasets:
+    """Fill in input_shape and num_classes where the data says them; `split` finds (x, y) in a sample."""
+    if data.input_shape is not None and data.num_classes is not None:
+        return data
+    x, y = split(data.train[0])
+    shape = data.input_shape
+    if shape is None and isinstance(x, torch.Tensor):
+        shape = tuple(x.shape)
+    return replace(data, input_shape=shape,
+                   num_classes=data.num_classes if data.num_classes is not None else _outputs(data.train, y))
+
+
+def _outputs(train: Dataset, y: Any) -> Optional[int]:
+    classes = getattr(train, "classes", None)
+    if classes is not None:
+        return len(classes)
+    if isinstance(y, (int, float)) and not isinstance(y, bool):
+        y = torch.tensor(y)
+    if not isinstance(y, torch.Tensor):
+        return None
+    if y.is_floating_point():
+        return max(1, y.numel())  # a regression target: one output per target value
+    if isinstance(train, TensorDataset):
+        return int(train.tensors[-1].max().item()) + 1
+    targets = getattr(train, "targets", None)  # torchvision's convention
+    if targets is not None:
+        return int(torch.as_tensor(targets).max().item()) + 1
+    return None
+
+
+def fetch_datasets(cfg: DataConfig, seed: int, dist_state: DistState) -> None:
     """Download what data.download asks for: a step every rank takes together (it holds collectives).
 
     Rank 0 downloads while the others wait, so nobody reads half-written files;
@@ -74,10 +142,19 @@ def fetch_datasets(cfg: DataConfig, dist_state: DistState) -> None:
     lacks: nothing when data.root is shared storage, its own copy when it is
     node-local.
     """
-    if cfg.download and cfg.name not in ("digits", "synthetic"):
-        from dtrain.vision import download_files  # torchvision is an optional extra
+    if not cfg.download or cfg.name in ("digits", "synthetic"):
+        return
+    if ":" in cfg.name:
+        # A user factory with download=true: built once on each node's first rank
+        # before any other rank builds it, so nobody reads what it is still writing.
+        def build_first() -> None:
+            _factory_datasets(cfg, seed)
 
-        dist_state.run_on_node_main(lambda: download_files(cfg.name, cfg.root))
+        dist_state.run_on_node_main(build_first)
+        return
+    from dtrain.vision import download_files  # torchvision is an optional extra
+
+    dist_state.run_on_node_main(lambda: download_files(cfg.name, cfg.root))
 
 
 def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
@@ -86,6 +163,8 @@ def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
         return digits()
     if cfg.name == "synthetic":
         return synthetic(cfg, seed)
+    if ":" in cfg.name:
+        return _factory_datasets(cfg, seed)
     from dtrain.vision import vision_datasets
 
     return vision_datasets(cfg.name, cfg.root)
@@ -139,7 +218,8 @@ class Loaders:
     train: DataLoader
     train_sampler: DistributedSampler
     train_shard: TrainShard
-    eval: DataLoader
+    eval: Optional[DataLoader]
+    """None when the run has no eval set."""
 
 
 def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState) -> Loaders:
@@ -156,7 +236,8 @@ def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
                        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent,
                        generator=workers_rng)
-    eval_ = DataLoader(data.eval, batch_size=cfg.eval_batch_size,
-                       sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size),
-                       num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
+    eval_ = None if data.eval is None else DataLoader(
+        data.eval, batch_size=cfg.eval_batch_size,
+        sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size),
+        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
     return Loaders(train, sampler, shard, eval_)

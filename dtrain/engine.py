@@ -24,6 +24,7 @@ from dtrain.meters import Meter, Timer
 from dtrain.progress import Progress
 from dtrain.state import TrainState
 from dtrain.step import epoch_windows, train_step
+from dtrain.task import Task
 
 
 def steps_per_epoch(loader: DataLoader, k: int) -> int:
@@ -41,9 +42,9 @@ class FitPlan:
         return total if self.max_steps is None else min(total, self.max_steps)
 
 
-def fit(state: TrainState, loaders: Loaders, plan: FitPlan, logger: MultiLogger,
+def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: MultiLogger,
         progress: Progress) -> Optional[dict[str, float]]:
-    """Train until `plan.epochs` or `plan.max_steps`, evaluating at each epoch end."""
+    """Train until `plan.epochs` or `plan.max_steps`, evaluating at each epoch end (if there is an eval set)."""
     k = state.grad_accum_steps
     meter = Meter(state.dist.device)
     timer = Timer()
@@ -78,7 +79,7 @@ def fit(state: TrainState, loaders: Loaders, plan: FitPlan, logger: MultiLogger,
         loaders.train_sampler.set_epoch(state.epoch)  # a new shuffle each epoch, the same on every rank
         for window in epoch_windows(loaders.train, loaders.train_shard, k, timer):
             lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
-            grad_norm = train_step(state, window, meter)
+            grad_norm = train_step(state, task, window, meter)
             timer.steps += 1
             progress.step(state.epoch + 1)
             if state.step % plan.log_every == 0:
@@ -91,10 +92,11 @@ def fit(state: TrainState, loaders: Loaders, plan: FitPlan, logger: MultiLogger,
         epoch_sum, epoch_count = meter.take(1, state.dist)
         logger.log(Record("train_epoch", state.step, state.epoch + 1,
                           {"loss": epoch_sum / epoch_count, "samples": int(epoch_count)}))
-        result = evaluate(state, loaders.eval)
-        record = Record("eval", state.step, state.epoch + 1, result)
-        logger.log(record)
-        progress.show(record)
+        if loaders.eval is not None:
+            result = evaluate(state, task, loaders.eval)
+            record = Record("eval", state.step, state.epoch + 1, result)
+            logger.log(record)
+            progress.show(record)
         # A window that spans the epoch end must not count the eval as train
         # time, or its samples_per_s and step_time_s would drop at every epoch.
         timer.start += time.perf_counter() - paused

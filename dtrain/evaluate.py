@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from dtrain.state import TrainState
-from dtrain.step import _to
+from dtrain.step import to_device
+from dtrain.task import Task
 
 
 def share_buffers(module: nn.Module, world_size: int) -> None:
@@ -26,20 +26,25 @@ def share_buffers(module: nn.Module, world_size: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, loader: DataLoader) -> dict[str, float]:
-    """Exact loss and accuracy over the whole eval set, each sample counted once."""
+def evaluate(state: TrainState, task: Task, loader: DataLoader) -> dict[str, float]:
+    """The loss and every metric of `task` as means over the whole eval set, each sample counted once.
+
+    Each rank sums per-sample values over its shard (no padding); one
+    all-reduce of [sums..., count] makes them global.
+    """
     model = state.module  # unwrapped: eval needs no DDP hooks
     share_buffers(model, state.dist.world_size)
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=state.dist.device)
+    names = task.eval_names
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=state.dist.device)
     for batch in loader:
-        x, y = _to(batch, state.dist.device)
+        x, y = to_device(task.split(batch), state.dist.device)
         with state.precision.autocast():
-            logits = model(x)
-        logits = logits.float()
-        sums[0] += F.cross_entropy(logits, y, reduction="sum")
-        sums[1] += (logits.argmax(dim=1) == y).sum()
-        sums[2] += y.shape[0]
-    loss_sum, correct, count = state.dist.all_reduce_sum(sums).tolist()
+            out = model(x)
+        sums[:-1] += task.eval_sums(out, y)
+        sums[-1] += y.shape[0]
+    *totals, count = state.dist.all_reduce_sum(sums).tolist()
     model.train()
-    return {"loss": loss_sum / count, "accuracy": correct / count, "samples": int(count)}
+    result: dict[str, float] = {name: total / count if count else float("nan") for name, total in zip(names, totals)}
+    result["samples"] = int(count)
+    return result

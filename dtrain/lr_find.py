@@ -31,6 +31,7 @@ from dtrain.config import Config, LRFindConfig, SchedConfig, to_yaml
 from dtrain.meters import Meter
 from dtrain.state import TrainState
 from dtrain.step import Window, epoch_windows, train_step
+from dtrain.task import Task
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.run import session
 
@@ -118,7 +119,8 @@ def windows(loaders: Loaders, k: int) -> Iterator[Window]:
         epoch += 1
 
 
-def range_test(loop: TrainState, batches: Iterator[Window], cfg: LRFindConfig, base_lr: float) -> Curve:
+def range_test(loop: TrainState, task: Task, batches: Iterator[Window], cfg: LRFindConfig,
+               base_lr: float) -> Curve:
     """Run up to cfg.num_steps optimizer steps at exponentially growing lr.
 
     Every group's lr is scaled by lr / optim.lr, so per-layer lr ratios from
@@ -137,7 +139,7 @@ def range_test(loop: TrainState, batches: Iterator[Window], cfg: LRFindConfig, b
         # resets the lr to its constant base, and we overwrite it again here.
         for group, base in zip(loop.optimizer.param_groups, initial):
             group["lr"] = base * lr / base_lr
-        train_step(loop, next(batches), meter)
+        train_step(loop, task, next(batches), meter)
         loss_sum, count = meter.take(0, loop.dist)  # all-reduced: the global sample-weighted mean
         loss = loss_sum / count
         smoothed = smoother.update(loss)
@@ -255,7 +257,7 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
                   f"{cfg.optim.name}, global batch {run.runtime['global_batch']}, world size {ds.world_size}",
                   flush=True)
         batches = windows(loaders, cfg.train.grad_accum_steps)
-        curve = range_test(run.loop, batches, f, cfg.optim.lr)
+        curve = range_test(run.loop, run.task, batches, f, cfg.optim.lr)
         # Rank 0's errors (e.g. a failing write) reach every rank instead of leaving them waiting.
         return ds.run_on_main(lambda: report(cfg, curve, run.runtime))
 

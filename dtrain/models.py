@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import fnmatch
 import math
-from typing import Callable, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from dtrain.config import ModelConfig
-from dtrain.errors import DTrainError
+from dtrain.errors import ConfigError, DTrainError
+from dtrain.factories import call_factory, load_callable
 
 
 def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64)) -> nn.Module:
@@ -51,44 +51,71 @@ def _name_error(path: str, why: str) -> DTrainError:
     return DTrainError(f"config key 'model.name' has value {path!r}; {why}")
 
 
-def load_factory(path: str) -> Callable[..., nn.Module]:
-    """Resolve 'package.module:function' (the function may be a dotted attribute path)."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise _name_error(path, "allowed: mlp | cnn | a factory 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        # ImportError only: an error raised by the user's module while it runs is a
-        # bug in that module, and its traceback is what the user needs.
-        raise _name_error(path, f"cannot import {module_name!r}: {' '.join(str(exc).split())}") from None
-    fn: object = module
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-    if not callable(fn):
-        raise _name_error(path, f"{module_name} has no callable {attr!r}")
-    try:
-        inspect.signature(fn).bind(input_shape=(1,), num_classes=2)
-    except TypeError:
-        raise _name_error(path, f"{attr} must accept the keyword arguments input_shape and num_classes") \
-            from None
-    except ValueError:  # no signature to inspect (some builtins): let the call decide
-        pass
-    return fn  # type: ignore[return-value]
+def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]], num_classes: Optional[int]) -> nn.Module:
+    """The configured model, initialised and frozen as the config says."""
+    if cfg.name in ("mlp", "cnn"):
+        unknown = set(cfg.kwargs) - {"input_shape", "num_classes"}
+        if unknown:
+            raise ConfigError("model.kwargs", dict(cfg.kwargs), f"input_shape, num_classes with model.name={cfg.name}")
+        input_shape = cfg.kwargs.get("input_shape", input_shape)
+        num_classes = cfg.kwargs.get("num_classes", num_classes)
+        if input_shape is None or num_classes is None:
+            raise _name_error(cfg.name, f"the data does not say its {'input shape' if input_shape is None else 'number of outputs'}: set model.kwargs={{{'input_shape' if input_shape is None else 'num_classes'}: ...}}, or return dtrain.Datasets(..., {'input_shape' if input_shape is None else 'num_classes'}=...) from the data factory")
+        model = mlp(input_shape, num_classes, cfg.hidden) if cfg.name == "mlp" else _cnn(input_shape, num_classes)
+    else:
+        fn = load_callable("model.name", cfg.name, "mlp | cnn | a factory 'package.module:function'")
+        offered = {"input_shape": tuple(input_shape) if input_shape is not None else None,
+                   "num_classes": num_classes}
+        model = call_factory(fn, f"model factory {cfg.name}", offered, dict(cfg.kwargs))
+        if not isinstance(model, nn.Module):
+            raise _name_error(cfg.name, f"the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return prepare_model(model, cfg.init, cfg.freeze)
 
 
-def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    if cfg.name == "mlp":
-        return mlp(input_shape, num_classes, cfg.hidden)
-    if cfg.name == "cnn":
-        if len(input_shape) != 3:
-            raise _name_error("cnn", f"allowed: image data (C,H,W), got input shape {tuple(input_shape)}; "
-                                     "use model.name=mlp")
-        if min(input_shape[1:]) < CNN_MIN_SIDE:
-            raise _name_error("cnn", f"allowed: images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} "
-                                     f"(three 2x2 poolings), got input shape {tuple(input_shape)}")
-        return cnn(input_shape, num_classes)
-    model = load_factory(cfg.name)(input_shape=tuple(input_shape), num_classes=num_classes)
-    if not isinstance(model, nn.Module):
-        raise _name_error(cfg.name, f"the factory returned {type(model).__name__}, not a torch.nn.Module")
+def _cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3:
+        raise _name_error("cnn", f"allowed: image data (C,H,W), got input shape {tuple(input_shape)}; "
+                                 "use model.name=mlp")
+    if min(input_shape[1:]) < CNN_MIN_SIDE:
+        raise _name_error("cnn", f"allowed: images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} "
+                                 f"(three 2x2 poolings), got input shape {tuple(input_shape)}")
+    return cnn(input_shape, num_classes)
+
+
+def prepare_model(model: nn.Module, init: str, freeze: Sequence[str]) -> nn.Module:
+    """model.init, then model.freeze; the same on every rank, since every rank seeds alike first."""
+    if init != "default":
+        initialise(model, init)
+    frozen = freeze_parameters(model, freeze)
+    if frozen and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("model.freeze", list(freeze), "globs that leave at least one parameter to train")
     return model
+
+
+def initialise(model: nn.Module, scheme: str) -> None:
+    """The notes' weight init: Linear and Conv weights by `scheme`, their biases zero."""
+    fill = {"xavier_uniform": nn.init.xavier_uniform_, "xavier_normal": nn.init.xavier_normal_,
+            "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+            "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu")}[scheme]
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                fill(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
+def freeze_parameters(model: nn.Module, globs: Sequence[str]) -> list[str]:
+    """requires_grad=False for parameters matched by any glob; a glob matching nothing is an error."""
+    names = [n for n, _ in model.named_parameters()]
+    frozen: list[str] = []
+    for i, glob in enumerate(globs):
+        hits = [n for n in names if fnmatch.fnmatchcase(n, glob)]
+        if not hits:
+            raise ConfigError(f"model.freeze[{i}]", glob,
+                              f"a glob matching at least one parameter of: {', '.join(names)}")
+        frozen += [n for n in hits if n not in frozen]
+    params = dict(model.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return frozen

@@ -5,25 +5,27 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.config import Config, to_dict, to_yaml
-from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, fetch_datasets
+from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
-from dtrain.models import build_model
+from dtrain.factories import call_factory
+from dtrain.models import build_model, prepare_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision, check_precision
 from dtrain.progress import Progress
 from dtrain.seeding import rank_seed, seed_everything
 from dtrain.state import TrainState
+from dtrain.task import Task, build_task
 
 
 # What a run writes into output_dir; overwrite=true removes all of it first, so
@@ -71,8 +73,11 @@ def runtime_summary(cfg: Config, ds: DistState, precision: str) -> dict[str, Any
     }
 
 
-def _groups_text(infos: list[GroupInfo]) -> str:
+def _groups_text(infos: list[GroupInfo], model: torch.nn.Module) -> str:
     rows = [f"  {g.name}: lr={g.lr:g} weight_decay={g.weight_decay:g} params={g.num_params}" for g in infos]
+    frozen = [(n, p.numel()) for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        rows.append(f"  frozen: params={sum(k for _, k in frozen)} ({', '.join(n for n, _ in frozen)})")
     return "param groups:\n" + "\n".join(rows)
 
 
@@ -86,6 +91,10 @@ class Parts:
 
 
 def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> Parts:
+    if not any(p.requires_grad for p in model.parameters()):
+        what = "has no parameters" if not any(True for _ in model.parameters()) else "has every parameter frozen"
+        raise DTrainError(f"the model ({type(model).__name__}, from model.name={cfg.model.name}) {what}: "
+                          "nothing to train")
     model = model.to(dist_state.device)
     # Parameter-group errors surface before DDP's first broadcast of the weights.
     optimizer, infos = build_optimizer(cfg.optim, model)
@@ -111,12 +120,45 @@ def build_loop(cfg: Config, dist_state: DistState, model: torch.nn.Module, total
 
 
 @dataclass
+class Given:
+    """What the Python API hands in as objects instead of config names; None: use the config."""
+
+    model: Any = None
+    """An nn.Module, or a factory called like model.name's."""
+    data: Optional[Datasets] = None
+    loss: Any = None
+    """A built-in loss name or a callable of (outputs, targets) -> per-sample losses."""
+    metrics: list[tuple[Optional[str], Any]] = field(default_factory=list)
+    """(name or None, metric) pairs added to loss.metrics."""
+
+
+def _model(cfg: Config, given: Given, data: Datasets) -> torch.nn.Module:
+    if given.model is None:
+        return build_model(cfg.model, data.input_shape, data.num_classes)
+    model = given.model
+    if not isinstance(model, torch.nn.Module):
+        label = f"model factory {getattr(model, '__name__', type(model).__name__)}"
+        offered = {"input_shape": data.input_shape, "num_classes": data.num_classes}
+        model = call_factory(model, label, offered, dict(cfg.model.kwargs))
+        if not isinstance(model, torch.nn.Module):
+            raise DTrainError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
+    return prepare_model(model, cfg.model.init, cfg.model.freeze)
+
+
+def build_task_for(cfg: Config, given: Given) -> Task:
+    metrics = [(None, m) for m in cfg.loss.metrics] + list(given.metrics)
+    return build_task(given.loss if given.loss is not None else cfg.loss.name, metrics,
+                      cfg.data.input_key, cfg.data.target_key)
+
+
+@dataclass
 class Session:
     """Everything set up for a run, on this rank."""
 
     ds: DistState
     data: Datasets
     loaders: Loaders
+    task: Task
     loop: TrainState
     groups: list[GroupInfo]
     steps_per_epoch: int
@@ -126,11 +168,12 @@ class Session:
 
 @contextmanager
 def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable[[], None],
-            total_steps: Optional[int] = None) -> Iterator[Session]:
+            total_steps: Optional[int] = None, given: Optional[Given] = None) -> Iterator[Session]:
     """Launch -> process group -> rank-0 `prepare` -> data -> model -> loop; the group is always destroyed.
 
     `total_steps` overrides the plan's step count (the LR finder's own length).
     """
+    given = given or Given()
     launch = detect_launch(os.environ if environ is None else environ)
     # Checks that need no process group come first, so a bad value fails at once on every rank.
     device = resolve_device(cfg.train.device, launch.local_rank)
@@ -139,18 +182,20 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
 
     with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
         ds.run_on_main(prepare)
-        fetch_datasets(cfg.data, ds)
+        if given.data is None:
+            fetch_datasets(cfg.data, cfg.train.seed, ds)
         # Each rank builds its data, model and optimizer alone; then all agree that every
         # rank succeeded (one collective), so a rank whose factory raised stops the others
         # at once instead of leaving them in DDP's first broadcast until dist.timeout_s.
         error: Optional[Exception] = None
         try:
+            task = build_task_for(cfg, given)
             # Seeding right before data and model makes the initial weights a function of
             # train.seed alone: identical on every rank, in train() and in lr_find().
             seed_everything(cfg.train.seed)
-            data = build_datasets(cfg.data, cfg.train.seed)
+            data = describe(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
             loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
-            parts = build_parts(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes))
+            parts = build_parts(cfg, ds, _model(cfg, given, data))
         except Exception as exc:
             error = exc
         ds.check_all(error, "during set-up")
@@ -159,8 +204,9 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
         per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
         total = total_steps or plan_for(cfg).total_steps(per_epoch)
         loop = wrap(cfg, ds, parts, total)
-        yield Session(ds, data, loaders, loop, parts.groups, per_epoch, total,
-                      runtime_summary(cfg, ds, loop.precision.name))
+        runtime = runtime_summary(cfg, ds, loop.precision.name)
+        runtime["loss"] = task.loss_name
+        yield Session(ds, data, loaders, task, loop, parts.groups, per_epoch, total, runtime)
 
 
 def plan_for(cfg: Config) -> FitPlan:
@@ -170,14 +216,14 @@ def plan_for(cfg: Config) -> FitPlan:
 @dataclass
 class RunResult:
     eval: Optional[dict[str, float]]
-    """The last evaluation (loss, accuracy, samples)."""
+    """The last evaluation: the loss, every metric, and the number of samples; None without an eval set."""
     loop: TrainState
     """The trained loop: model, optimizer, schedule and counters."""
 
 
-def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult:
-    """Run training under whatever launcher started this process."""
-    with session(cfg, environ, lambda: prepare_output_dir(cfg.output_dir, cfg.overwrite)) as run:
+def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optional[Given] = None) -> RunResult:
+    """Run training under whatever launcher started this process: the one loop behind the CLI and the API."""
+    with session(cfg, environ, lambda: prepare_output_dir(cfg.output_dir, cfg.overwrite), given=given) as run:
         ds, loop = run.ds, run.loop
         runtime = run.runtime
 
@@ -192,17 +238,19 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> RunResult
         logger = opened if ds.is_main else null_logger()
         progress = Progress(cfg.log.progress, run.total_steps, enabled=ds.is_main)
         progress.print("dtrain: " + " ".join(f"{k}={v}" for k, v in runtime.items()))
-        progress.print(_groups_text(run.groups))
-        progress.print(f"dtrain: {len(run.data.train)} train / {len(run.data.eval)} eval samples, "  # type: ignore[arg-type]
+        progress.print(_groups_text(run.groups, run.loop.module))
+        n_eval = len(run.data.eval) if run.data.eval is not None else 0  # type: ignore[arg-type]
+        progress.print(f"dtrain: {len(run.data.train)} train / {n_eval} eval samples, "  # type: ignore[arg-type]
                        f"{run.steps_per_epoch} steps per epoch, {run.total_steps} steps in all")
         try:
             with logger:
-                result = fit(loop, run.loaders, plan_for(cfg), logger, progress)
+                result = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress)
         finally:
             progress.close()
         if ds.is_main and cfg.train.save_model:
             torch.save(loop.module.state_dict(), os.path.join(cfg.output_dir, "model.pt"))
         if ds.is_main and result is not None:
-            print(f"dtrain: final eval loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
-                  f"on {result['samples']} samples; outputs in {cfg.output_dir}", flush=True)
+            values = " ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "samples")
+            print(f"dtrain: final eval {values} on {result['samples']} samples; outputs in {cfg.output_dir}",
+                  flush=True)
         return RunResult(result, loop)

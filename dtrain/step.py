@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from dtrain.data import TrainShard
 from dtrain.meters import Meter, Timer
 from dtrain.state import TrainState
+from dtrain.task import Task
 
 
 def batch_len(batch: Any) -> int:
@@ -99,12 +99,18 @@ def epoch_windows(loader: DataLoader, shard: TrainShard, k: int,
         yield Window(batches, real, shard.global_real_between(start, position))
 
 
-def _to(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor in a (nested) batch, moved to the device without blocking the host."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
-def train_step(state: TrainState, window: Window, meter: Meter) -> Optional[torch.Tensor]:
+def train_step(state: TrainState, task: Task, window: Window, meter: Meter) -> Optional[torch.Tensor]:
     """One optimizer step over a window; returns the pre-clip grad norm (a device tensor) or None."""
     model, opt, precision = state.model, state.optimizer, state.precision
     # DDP averages gradients over ranks; this undoes it so the sum is over the global window.
@@ -117,12 +123,12 @@ def train_step(state: TrainState, window: Window, meter: Meter) -> Optional[torc
             # them: DDP needs every rank's backward, and an empty batch would feed NaN
             # into BatchNorm's running statistics. Its loss is multiplied by zero.
             batch = batch_head(batch, max(real, 1))
-        x, y = _to(batch, state.dist.device)
+        x, y = to_device(task.split(batch), state.dist.device)
         # Skip DDP's all-reduce on all but the window's last backward.
         with model.no_sync() if j < last else nullcontext():
             with precision.autocast():
                 out = model(x)
-                loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                loss_sum = task.loss_sum(out, y)
             if real == 0:
                 loss_sum = loss_sum * 0.0
             precision.backward(loss_sum * scale)

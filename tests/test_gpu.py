@@ -19,7 +19,10 @@ from dtrain.meters import Meter
 from dtrain.models import build_model
 from dtrain.run import build_loop
 from dtrain.step import Window, epoch_windows, train_step
+from dtrain.task import build_task
 from helpers import dtrain, records
+
+CE = build_task("cross_entropy", [], "input", "target")
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -51,14 +54,14 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
         batch = next(iter(loaders.train))
         window = Window([batch], [len(batch[1])], len(batch[1]))
         meter = Meter(ds.device)
-        train_step(loop, window, meter)
+        train_step(loop, CE, window, meter)
         assert loop.skipped_steps == 0
         before = {k: v.clone() for k, v in loop.module.state_dict().items()}
         lr_before = loop.optimizer.param_groups[0]["lr"]
         # A scale fp16 cannot hold forces inf gradients.
         scaler.update(new_scale=2.0 ** 120)
         scale = scaler.get_scale()
-        train_step(loop, window, meter)
+        train_step(loop, CE, window, meter)
         assert loop.skipped_steps == 1 and scaler.get_scale() < scale
         for k, v in loop.module.state_dict().items():
             assert torch.equal(v, before[k]), k  # the skipped step changed nothing
@@ -82,14 +85,14 @@ def test_host_syncs_per_step(precision: str, allowed: int) -> None:
         loaders.train_sampler.set_epoch(0)
         windows = list(epoch_windows(loaders.train, loaders.train_shard, 2))
         meter = Meter(ds.device)
-        train_step(loop, windows[0], meter)  # first step: lazy initialisation may sync
+        train_step(loop, CE, windows[0], meter)  # first step: lazy initialisation may sync
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for window in windows[1:6]:
-                    train_step(loop, window, meter)
+                    train_step(loop, CE, window, meter)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         syncs = [w for w in caught if "synchroniz" in str(w.message)]

@@ -28,7 +28,10 @@ from dtrain.errors import ConfigError
 from dtrain.models import build_model, mlp
 from dtrain.optim import build_optimizer, lr_multiplier, param_groups
 from dtrain.run import build_loop, train
+from dtrain.task import build_task
 from helpers import dtrain, records
+
+CE = build_task("cross_entropy", [], "input", "target")
 
 SINGLE = LaunchInfo("single", 0, 0, 1, "127.0.0.1", None)
 
@@ -343,12 +346,12 @@ def test_loop_state_round_trips(tmp_path: Path) -> None:
         loop = _fresh_loop(cfg, ds, 0, total)
         meter = Meter(ds.device)
         for window in batches[:5]:
-            train_step(loop, window, meter)
+            train_step(loop, CE, window, meter)
         buf = io.BytesIO()
         torch.save(loop.state_dict(), buf)  # a real checkpoint: no tensor shared with the loop
 
         for window in batches[5:]:
-            train_step(loop, window, meter)
+            train_step(loop, CE, window, meter)
         # Other initial weights, so only load_state_dict can make the two agree.
         resumed = _fresh_loop(cfg, ds, 123, total)
         buf.seek(0)
@@ -356,7 +359,7 @@ def test_loop_state_round_trips(tmp_path: Path) -> None:
         assert resumed.step == 5
         assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr("cosine", 5, 0.01, total, 2))
         for window in batches[5:]:
-            train_step(resumed, window, meter)
+            train_step(resumed, CE, window, meter)
 
         assert resumed.step == loop.step == total
         assert resumed.scheduler.get_last_lr() == loop.scheduler.get_last_lr()

@@ -12,7 +12,10 @@ import yaml
 from dtrain.config import DataConfig
 from dtrain.data import synthetic
 from dtrain.models import mlp
+from dtrain.task import build_task
 from helpers import dtrain, records
+
+CE = build_task("cross_entropy", [], "input", "target")
 
 
 @pytest.mark.multiproc
@@ -103,7 +106,7 @@ def test_a_scaled_step_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> N
     ctx, state, windows = _scaled_state(2.0 ** 8)
     try:
         meter = Meter(state.dist.device)
-        train_step(state, windows[0], meter)
+        train_step(state, CE, windows[0], meter)
         reads = []
         for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
             original = getattr(torch.Tensor, name)
@@ -114,7 +117,7 @@ def test_a_scaled_step_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> N
 
             monkeypatch.setattr(torch.Tensor, name, counted)
         for window in windows[1:4]:
-            train_step(state, window, meter)
+            train_step(state, CE, window, meter)
         monkeypatch.undo()
         assert len(reads) == 3, reads  # one found-inf read per optimizer step, nothing else
         assert state.step == 4 and state.skipped_steps == 0 and state.scheduler.last_epoch == 4
@@ -129,17 +132,17 @@ def test_an_overflowing_scaled_step_is_skipped_and_counted() -> None:
     ctx, state, windows = _scaled_state(2.0 ** 8)
     try:
         meter = Meter(state.dist.device)
-        train_step(state, windows[0], meter)
+        train_step(state, CE, windows[0], meter)
         before = {k: v.clone() for k, v in state.module.state_dict().items()}
         scaler = state.precision.scaler
         assert scaler is not None
         scaler.update(new_scale=float("inf"))  # every scaled gradient overflows
-        train_step(state, windows[1], meter)
+        train_step(state, CE, windows[1], meter)
         assert state.step == 2 and state.skipped_steps == 1
         assert state.scheduler.last_epoch == 1  # the schedule did not advance
         assert all(torch.equal(v, before[k]) for k, v in state.module.state_dict().items())
         scaler.update(new_scale=2.0 ** 8)
-        train_step(state, windows[2], meter)
+        train_step(state, CE, windows[2], meter)
         assert state.skipped_steps == 1 and state.scheduler.last_epoch == 2
     finally:
         ctx.__exit__(None, None, None)

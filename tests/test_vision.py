@@ -175,7 +175,7 @@ def test_download_true_with_files_present_downloads_nothing(tmp_path: Path, monk
 
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", no_network)
     cfg = DataConfig(name="mnist", root=str(tmp_path), download=True)
-    fetch_datasets(cfg, SINGLE)
+    fetch_datasets(cfg, 0, SINGLE)
     data = build_datasets(cfg, seed=0)
     assert (len(data.train), len(data.eval)) == (N_TRAIN, N_TEST)
 

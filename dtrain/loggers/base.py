@@ -9,21 +9,11 @@ from typing import Any, Optional, Protocol
 
 from dtrain.loggers.termination import TerminationGuard
 
-# How a record's fields are named on the dashboards (W&B, TensorBoard):
-# metrics.jsonl keeps the flat record schema, the dashboards get "split/name".
-DASHBOARD_NAMES = {
-    ("train", "loss"): "train/loss",
-    ("train", "lr"): "train/lr",
-    ("train", "grad_norm"): "train/grad_norm",
-    ("train", "samples_per_s"): "train/samples_per_s",
-    ("train", "step_time_s"): "train/step_time_s",
-    ("train", "data_time_fraction"): "train/data_time_fraction",
-    ("train", "peak_memory_gb"): "train/peak_memory_gb",
-    ("train", "skipped_steps"): "train/skipped_steps",
-    ("train_epoch", "loss"): "train/epoch_loss",
-    ("eval", "loss"): "eval/loss",
-    ("eval", "accuracy"): "eval/accuracy",
-}
+# How a record's fields are named on the dashboards (W&B, TensorBoard): metrics.jsonl
+# keeps the flat record schema, the dashboards get "section/name" for every value but
+# the sample count. Every value reaches them, a user metric's under its own name.
+DASHBOARD_PREFIX = {"train": "train/", "train_epoch": "train/epoch_", "eval": "eval/"}
+NOT_ON_DASHBOARDS = {"samples"}
 
 
 @dataclass(frozen=True)
@@ -37,8 +27,8 @@ class Record:
     values: dict[str, float] = field(default_factory=dict)
 
     def dashboard(self) -> dict[str, float]:
-        return {DASHBOARD_NAMES[(self.split, k)]: v for k, v in self.values.items()
-                if (self.split, k) in DASHBOARD_NAMES}
+        prefix = DASHBOARD_PREFIX.get(self.split, f"{self.split}/")
+        return {prefix + k: v for k, v in self.values.items() if k not in NOT_ON_DASHBOARDS}
 
 
 class Logger(Protocol):

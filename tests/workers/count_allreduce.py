@@ -20,6 +20,7 @@ from dtrain.loggers import null_logger
 from dtrain.models import build_model
 from dtrain.progress import Progress
 from dtrain.run import build_loop
+from dtrain.task import build_task
 
 
 class Counter:
@@ -51,7 +52,7 @@ def main() -> None:
         counter = Counter()
         loop.model.register_comm_hook(counter, counting_hook)
         plan = FitPlan(1, None, 1000)
-        fit(loop, loaders, plan, null_logger(),
+        fit(loop, build_task("cross_entropy", [], "input", "target"), loaders, plan, null_logger(),
             Progress("none", per_epoch, False))
         steps, rounds = loop.step, counter.rounds
 

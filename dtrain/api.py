@@ -1,0 +1,81 @@
+"""The Python door into dtrain: `dtrain.train(...)`, the same loop as `python -m dtrain`.
+
+A script that calls it runs alone (`python my_script.py`) or under any launcher
+(`torchrun --nproc_per_node=2 my_script.py`, `srun`, `accelerate launch`): each
+process calls `train`, which finds its rank from the environment, exactly as
+the command line does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from dtrain.config import Config, load_config
+from dtrain.data import Datasets, as_datasets
+from dtrain.errors import DTrainError
+
+
+@dataclass
+class Result:
+    """What `dtrain.train` returns on every rank."""
+
+    eval: Optional[dict[str, float]]
+    """The last evaluation: the loss, each metric, and `samples`; None without eval data."""
+    model: nn.Module
+    """The trained model, unwrapped from DDP (the same on every rank)."""
+    config: Config
+    """The config the run used."""
+    is_main: bool
+    """True on rank 0 (and in a single process): where to print or save once."""
+
+
+def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
+          train_data: Optional[Dataset] = None,
+          eval_data: Optional[Dataset] = None,
+          loss: Union[str, Callable[..., Any], None] = None,
+          config: Union[str, "os.PathLike[str]", Config, None] = None,
+          overrides: Sequence[str] = (),
+          metrics: Union[Mapping[str, Callable[..., Any]], Sequence[Any], None] = None) -> Result:
+    """Train `model` on `train_data` and return the last eval and the trained model.
+
+    Anything left out comes from the config, as on the command line:
+    model: an nn.Module, a factory (called with those of input_shape and num_classes it names), or
+        None for model.name.
+    train_data / eval_data: map-style datasets yielding (inputs, targets) or dicts; None for data.name.
+        eval_data=None with train_data given means no evaluation.
+    loss: a built-in name (cross_entropy, mse, l1, smooth_l1, bce_with_logits), a torch loss module
+        (used with reduction='none'), or a function of (outputs, targets) returning one loss per sample.
+    config: a YAML path or a Config object; overrides: 'key=value' strings on top, as on the CLI.
+    metrics: extra eval metrics, {name: function of (outputs, targets) -> one value per sample}.
+    """
+    from dtrain.run import Given
+    from dtrain.run import train as run_train
+
+    cfg = _config(config, overrides)
+    given = Given(model=model, loss=loss)
+    if train_data is not None:
+        given.data = as_datasets((train_data, eval_data), "dtrain.train(train_data=..., eval_data=...)")
+    elif eval_data is not None:
+        raise DTrainError("dtrain.train: eval_data without train_data; give both, or neither (data.name)")
+    if isinstance(metrics, Mapping):
+        given.metrics = [(name, fn) for name, fn in metrics.items()]
+    elif metrics is not None:
+        given.metrics = [(None, fn) for fn in metrics]
+    result = run_train(cfg, given=given)
+    return Result(result.eval, result.loop.module, cfg, result.loop.dist.is_main)
+
+
+def _config(config: Union[str, "os.PathLike[str]", Config, None], overrides: Sequence[str]) -> Config:
+    if isinstance(overrides, str):
+        raise DTrainError("dtrain.train: overrides must be a list of 'key=value' strings, not one string")
+    if isinstance(config, Config):
+        return load_config(None, overrides, base_config=config)
+    return load_config(os.fspath(config) if config is not None else None, overrides)
+
+
+__all__ = ["Result", "train", "Datasets"]

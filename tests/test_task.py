@@ -1,0 +1,104 @@
+"""The loss/metric contract (dtrain/task.py) against torch's own losses, and its one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtrain.config import LOSSES, METRICS
+from dtrain.errors import DTrainError
+from dtrain.task import BUILTIN, build_task
+
+B = 6
+
+
+def _sum_over_batch(name: str, out: torch.Tensor, y: torch.Tensor) -> float:
+    return build_task(name, [], "input", "target").loss_sum(out, y).item()
+
+
+@pytest.mark.parametrize("name, out, y, reference", [
+    ("cross_entropy", torch.randn(B, 5), torch.randint(0, 5, (B,)), F.cross_entropy),
+    ("cross_entropy", torch.randn(B, 5, 3), torch.randint(0, 5, (B, 3)), F.cross_entropy),  # per position
+    ("cross_entropy", torch.randn(B, 5), torch.softmax(torch.randn(B, 5), 1), F.cross_entropy),  # soft labels
+    ("mse", torch.randn(B, 3), torch.randn(B, 3), F.mse_loss),
+    ("mse", torch.randn(B), torch.randn(B), F.mse_loss),
+    ("l1", torch.randn(B, 2), torch.randn(B, 2), F.l1_loss),
+    ("smooth_l1", torch.randn(B, 2) * 3, torch.randn(B, 2), F.smooth_l1_loss),
+    ("bce_with_logits", torch.randn(B, 4), torch.randint(0, 2, (B, 4)).float(), F.binary_cross_entropy_with_logits),
+])
+def test_builtin_loss_summed_over_the_batch_is_torch_mean_times_batch(name, out, y, reference) -> None:  # type: ignore[no-untyped-def]
+    """Per-sample mean over the other dims, summed over samples: torch's mean loss x batch size."""
+    assert _sum_over_batch(name, out, y) == pytest.approx(reference(out, y).item() * B, rel=1e-6)
+
+
+def test_metrics_against_hand_arithmetic() -> None:
+    out = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5]])
+    assert BUILTIN["accuracy"](out, torch.tensor([0, 0, 0])).tolist() == [1.0, 0.0, 1.0]
+    assert BUILTIN["mae"](out, torch.zeros(3, 2)).tolist() == [1.5, 1.5, 0.75]
+    task = build_task("mse", [], "input", "target")
+    assert task.eval_names == ["loss", "mae"]
+    sums = task.eval_sums(out, torch.zeros(3, 2))
+    assert sums.tolist() == pytest.approx([2.5 + 4.5 + 0.625, 3.75])
+
+
+def test_config_and_task_agree_on_the_builtin_names() -> None:
+    assert set(LOSSES) | set(METRICS) == set(BUILTIN)
+
+
+def test_default_metrics_follow_the_loss() -> None:
+    assert build_task("cross_entropy", [], "i", "t").eval_names == ["loss", "accuracy"]
+    assert build_task("l1", [], "i", "t").eval_names == ["loss"]
+    assert build_task("bce_with_logits", [], "i", "t").eval_names == ["loss", "accuracy"]
+    assert build_task("l1", [(None, "mae"), ("worst", lambda o, y: (o - y).abs().amax(1))], "i", "t").eval_names \
+        == ["loss", "mae", "worst"]
+
+
+def test_a_torch_loss_module_is_used_per_sample() -> None:
+    out, y = torch.randn(B, 3), torch.randn(B, 3)
+    task = build_task(nn.MSELoss(), [], "i", "t")
+    assert task.loss_sum(out, y).item() == pytest.approx(F.mse_loss(out, y).item() * B, rel=1e-6)
+    module = nn.CrossEntropyLoss(label_smoothing=0.1)
+    task = build_task(module, [], "i", "t")
+    labels = torch.randint(0, 3, (B,))
+    assert task.loss_sum(out, labels).item() == pytest.approx(module(out, labels).item() * B, rel=1e-6)
+    assert module.reduction == "mean"  # the user's own object is left as it was
+
+
+@pytest.mark.parametrize("loss, out, y, needle", [
+    ("cross_entropy", torch.randn(B, 10), torch.randn(B, 1),
+     "loss.name=cross_entropy needs integer class labels as targets, got (6, 1) float32"),
+    ("cross_entropy", torch.randn(B), torch.randint(0, 2, (B,)), "do not fit class-label targets"),
+    ("mse", torch.randn(B, 1), torch.randn(B), "outputs (6, 1) float32 and the targets (6,) float32 must have"),
+    ("mse", torch.randn(B, 10), torch.randint(0, 10, (B,)), "must have the same shape"),
+    ("mse", torch.randn(B, 1), torch.randint(0, 10, (B, 1)), "targets must be floating point"),
+])
+def test_mismatched_targets_are_one_line(loss: str, out: torch.Tensor, y: torch.Tensor, needle: str) -> None:
+    with pytest.raises(DTrainError) as err:
+        build_task(loss, [], "i", "t").loss_sum(out, y)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_loss_that_averages_the_batch_itself_is_refused() -> None:
+    def batch_mean(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean()
+
+    with pytest.raises(DTrainError) as err:
+        build_task(batch_mean, [], "i", "t").loss_sum(torch.randn(B, 1), torch.randn(B, 1))
+    msg = str(err.value)
+    assert "loss.name batch_mean returned shape () for a batch of 6" in msg and "reduction='none'" in msg
+
+
+def test_batches_are_pairs_or_dicts_with_the_configured_keys() -> None:
+    task = build_task("mse", [], "features", "label")
+    x, y = torch.zeros(2, 3), torch.ones(2)
+    assert task.split((x, y))[1] is y and task.split([x, y])[0] is x
+    assert task.split({"features": x, "label": y, "id": 3})[1] is y
+    with pytest.raises(DTrainError, match=r"a batch is a dict with keys \['input', 'target'\]; expected the keys "
+                                          r"data.input_key='features'"):
+        task.split({"input": x, "target": y})
+    with pytest.raises(DTrainError, match="a batch is a tuple of 3; expected"):
+        task.split((x, y, y))
+    with pytest.raises(DTrainError, match="a batch is Tensor; expected"):
+        task.split(x)

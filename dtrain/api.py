@@ -56,6 +56,12 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
     from dtrain.run import Given
     from dtrain.run import train as run_train
 
+    if isinstance(overrides, str):
+        raise DTrainError("dtrain.train: overrides must be a list of 'key=value' strings, not one string")
+
+    if isinstance(loss, str):
+        overrides = [*overrides, f"loss.name={loss}"]  # a name is config: config.yaml and W&B record it
+        loss = None
     cfg = _config(config, overrides)
     given = Given(model=model, loss=loss)
     if train_data is not None:
@@ -71,8 +77,6 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
 
 
 def _config(config: Union[str, "os.PathLike[str]", Config, None], overrides: Sequence[str]) -> Config:
-    if isinstance(overrides, str):
-        raise DTrainError("dtrain.train: overrides must be a list of 'key=value' strings, not one string")
     if isinstance(config, Config):
         return load_config(None, overrides, base_config=config)
     return load_config(os.fspath(config) if config is not None else None, overrides)

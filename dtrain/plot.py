@@ -1,7 +1,7 @@
 """`python -m dtrain.plot RUN_DIR`: training curves from RUN_DIR/metrics.jsonl into RUN_DIR/curves.png.
 
 Left panel: the train loss of each logging window, the per-epoch train mean
-and the eval loss; right panel: eval accuracy. Both against the optimizer
+and the eval loss; right panel: every eval metric (accuracy, mae, your own). Both against the optimizer
 step, the x-axis every dtrain logger uses. matplotlib is the optional "plot"
 extra and is imported only here, on demand, with the Agg canvas: no display
 is needed and pyplot's global state is never touched.
@@ -89,13 +89,18 @@ def plot_curves(rows: list[dict[str, Any]], out_path: str, title: Optional[str] 
         ax_loss.legend()
     ax_loss.grid(True, alpha=0.3)
 
-    steps, acc = _series(rows, "eval", "accuracy")
-    if steps:
-        ax_acc.plot(steps, acc, color="tab:orange", marker="s", linewidth=2, label="eval")
+    # Every eval metric the run logged (accuracy, mae, the user's own): the loss has the left panel.
+    names = sorted({k for r in rows if r.get("split") == "eval" for k in r}
+                   - {"split", "step", "epoch", "loss", "samples"})
+    for name in names:
+        steps, values = _series(rows, "eval", name)
+        if steps:
+            ax_acc.plot(steps, values, marker="s", linewidth=2, label=f"eval {name}")
+    if ax_acc.get_lines():
         ax_acc.legend()
     else:
-        ax_acc.text(0.5, 0.5, "no eval records yet", ha="center", va="center", transform=ax_acc.transAxes)
-    ax_acc.set(xlabel="optimizer step", ylabel="accuracy", title="eval accuracy")
+        ax_acc.text(0.5, 0.5, "no eval metrics yet", ha="center", va="center", transform=ax_acc.transAxes)
+    ax_acc.set(xlabel="optimizer step", ylabel="value", title="eval metrics")
     ax_acc.grid(True, alpha=0.3)
 
     for ax in (ax_loss, ax_acc):

@@ -205,7 +205,11 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
         total = total_steps or plan_for(cfg).total_steps(per_epoch)
         loop = wrap(cfg, ds, parts, total)
         runtime = runtime_summary(cfg, ds, loop.precision.name)
-        runtime["loss"] = task.loss_name
+        # Objects handed to dtrain.train have no config name: say what they were.
+        if given.model is not None:
+            runtime["model"] = getattr(given.model, "__name__", type(given.model).__name__)
+        if given.loss is not None:
+            runtime["loss"] = task.loss_name
         yield Session(ds, data, loaders, task, loop, parts.groups, per_epoch, total, runtime)
 
 

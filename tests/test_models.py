@@ -15,7 +15,7 @@ from torch import nn
 
 from dtrain.config import Config, ConfigError, ModelConfig, load_config
 from dtrain.errors import DTrainError
-from dtrain.models import build_model
+from dtrain.models import build_model, mlp
 from dtrain.run import train
 from dtrain.vision import VISION
 from helpers import REPO, dtrain, records
@@ -136,7 +136,7 @@ def test_factory_gets_the_datasets_shape_in_a_real_run(factories: object, tmp_pa
     (f"{FACTORY_MODULE}:missing", "has no callable 'missing'"),
     (f"{FACTORY_MODULE}:VALUE", "has no callable 'VALUE'"),
     (f"{FACTORY_MODULE}:not_a_module", "returned str, not a torch.nn.Module"),
-    (f"{FACTORY_MODULE}:wrong_arguments", "must accept the keyword arguments input_shape and num_classes"),
+    (f"{FACTORY_MODULE}:wrong_arguments", "cannot be called with []: missing a required argument: 'shape'"),
     (":make", "allowed: mlp | cnn"),
     (f"{FACTORY_MODULE}:", "allowed: mlp | cnn"),
 ])
@@ -145,7 +145,8 @@ def test_bad_factory_paths_are_one_line_errors(factories: object, path: str, nee
         # ModelConfig directly: on the command line "pkg:" would already be YAML for a mapping.
         build_model(ModelConfig(name=path), MNIST, 10)
     msg = str(err.value)
-    assert f"config key 'model.name' has value {path!r}" in msg and needle in msg and "\n" not in msg
+    named = f"config key 'model.name' has value {path!r}" in msg or f"model factory {path} " in msg
+    assert named and needle in msg and "\n" not in msg
 
 
 def test_name_without_colon_is_refused_at_load() -> None:
@@ -229,3 +230,48 @@ def test_synthetic_tiny_preset_runs_without_importing_torchvision(tmp_path: Path
     assert all(r["samples"] == cfg.data.train_size for r in epochs)
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert math.isfinite(evals[-1]["loss"])
+
+
+# ---------------------------------------------------------------- model.init and model.freeze
+
+@pytest.mark.parametrize("scheme", ["xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"])
+def test_init_schemes_follow_their_formulas(scheme: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", hidden=[512], init=scheme), (784,), 10)
+    w = model[1].weight  # 784 -> 512
+    fan_in, fan_out = 784, 512
+    std = {"xavier_uniform": math.sqrt(2 / (fan_in + fan_out)), "xavier_normal": math.sqrt(2 / (fan_in + fan_out)),
+           "kaiming_uniform": math.sqrt(2 / fan_in), "kaiming_normal": math.sqrt(2 / fan_in)}[scheme]
+    assert w.std().item() == pytest.approx(std, rel=0.02)
+    if scheme.endswith("uniform"):
+        assert w.abs().max().item() <= std * math.sqrt(3) + 1e-6
+    assert all(torch.count_nonzero(m.bias) == 0 for m in model if isinstance(m, nn.Linear))
+    torch.manual_seed(0)
+    again = build_model(ModelConfig(name="mlp", hidden=[512], init=scheme), (784,), 10)
+    assert torch.equal(again[1].weight, w)  # a function of the seed: the same on every rank
+
+
+def test_default_init_leaves_the_layers_own() -> None:
+    torch.manual_seed(0)
+    a = build_model(ModelConfig(name="mlp"), (64,), 10)
+    torch.manual_seed(0)
+    b = mlp((64,), 10, (128, 64))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert torch.count_nonzero(a[1].bias) > 0
+
+
+def test_freeze_keeps_parameters_fixed_and_out_of_the_optimizer(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from dtrain.__main__ import main
+
+    args = ["data.name=synthetic", "train.epochs=2", "model.freeze=[1.*]", "log.progress=lines", "train.seed=5",
+            f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "  frozen: params=4224 (1.weight, 1.bias)" in out  # 32*128 + 128
+    assert "default: lr=0.05 weight_decay=0 params=" in out
+    torch.manual_seed(5)
+    initial = mlp((32,), 10, (128, 64)).state_dict()
+    final = torch.load(tmp_path / "model.pt")
+    assert torch.equal(final["1.weight"], initial["1.weight"]) and torch.equal(final["1.bias"], initial["1.bias"])
+    assert not torch.equal(final["3.weight"], initial["3.weight"])

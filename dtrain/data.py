@@ -14,7 +14,10 @@ the eval loss and accuracy.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
+import signal
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional, Sized, cast
 
@@ -213,17 +216,44 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class TrainSampler(DistributedSampler):
+    """DistributedSampler that can begin an epoch part-way, for a resumed run.
+
+    The epoch's index list is built as always (indices only, no data read) and
+    the first `start` of this rank's indices are skipped, so a resumed run reads
+    exactly the samples the interrupted one had not reached, and none twice.
+    """
+
+    start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+def _ignore_signals(names: tuple[str, ...], worker_id: int) -> None:
+    # Slurm signals every process of a step, DataLoader workers too; a worker killed by
+    # the signal meant for "save and stop" would take the run down before it can save.
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 @dataclass
 class Loaders:
     train: DataLoader
-    train_sampler: DistributedSampler
+    train_sampler: TrainSampler
     train_shard: TrainShard
     eval: Optional[DataLoader]
     """None when the run has no eval set."""
+    workers_rng: torch.Generator
+    """Seeds the train loader's workers; part of this rank's random state in a checkpoint."""
 
 
-def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState) -> Loaders:
-    sampler: DistributedSampler = DistributedSampler(
+def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState,
+                  worker_ignores: tuple[str, ...] = ()) -> Loaders:
+    sampler = TrainSampler(
         data.train, num_replicas=dist_state.world_size, rank=dist_state.rank, shuffle=True, seed=seed,
         drop_last=False)
     shard = TrainShard(len(cast(Sized, data.train)), dist_state.rank, dist_state.world_size)
@@ -233,11 +263,12 @@ def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     # workers (torch, random and numpy in each), per rank, so random augmentations
     # differ between ranks and repeat run after run.
     workers_rng = torch.Generator().manual_seed(rank_seed(seed, dist_state.rank, dist_state.world_size))
+    init = functools.partial(_ignore_signals, tuple(worker_ignores)) if worker_ignores and cfg.num_workers else None
     train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
                        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent,
-                       generator=workers_rng)
+                       generator=workers_rng, worker_init_fn=init)
     eval_ = None if data.eval is None else DataLoader(
         data.eval, batch_size=cfg.eval_batch_size,
         sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size),
         num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
-    return Loaders(train, sampler, shard, eval_)
+    return Loaders(train, sampler, shard, eval_, workers_rng)

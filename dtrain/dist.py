@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,10 +36,23 @@ class DistState:
     world_size: int
     backend: str
     device: torch.device
+    host_group: Any = None
+    """A gloo group for tiny host-side agreements when the main group is NCCL; None: the main group."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def any_of(self, flags: Sequence[bool]) -> list[bool]:
+        """For each flag, whether it is set on any rank: one all-reduce of a few host numbers.
+
+        On a host (gloo) group, so it never waits for the GPU's queue of work.
+        """
+        if self.world_size == 1:
+            return list(flags)
+        values = torch.tensor([1.0 if f else 0.0 for f in flags])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.host_group)
+        return [v > 0 for v in values.tolist()]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum in place across ranks (a no-op cost for one process) and return the tensor."""
@@ -176,7 +189,8 @@ def distributed(launch: LaunchInfo, backend: str = "auto", device: str = "auto",
         kwargs["init_method"] = f"tcp://{host}:{launch.master_port}"
     dist.init_process_group(**kwargs)
     try:
-        yield DistState(launch.launcher, launch.rank, launch.local_rank, launch.world_size, be, dev)
+        host_group = dist.new_group(backend="gloo") if be != "gloo" and launch.world_size > 1 else None
+        yield DistState(launch.launcher, launch.rank, launch.local_rank, launch.world_size, be, dev, host_group)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,6 +21,7 @@ from dtrain.data import Loaders
 from dtrain.evaluate import evaluate
 from dtrain.loggers import MultiLogger, Record
 from dtrain.meters import Meter, Timer
+from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
 from dtrain.state import TrainState
 from dtrain.step import epoch_windows, train_step
@@ -36,21 +37,47 @@ class FitPlan:
     epochs: int
     max_steps: Optional[int]
     log_every: int
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_every_minutes: Optional[float] = None
 
     def total_steps(self, per_epoch: int) -> int:
         total = self.epochs * per_epoch
         return total if self.max_steps is None else min(total, self.max_steps)
 
 
+class Saver(Protocol):
+    """How the loop saves a checkpoint (run.py provides it); the loop decides when."""
+
+    signals: StopSignals
+
+    def save(self, state: TrainState, meter: Meter) -> None: ...
+
+
+@dataclass
+class FitResult:
+    eval: Optional[dict[str, float]]
+    """The last evaluation, or None (no eval set, or stopped before the first epoch ended)."""
+    stopped_by: Optional[str] = None
+    """The signal that stopped the run after a checkpoint; None when it ran to the end."""
+
+
 def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: MultiLogger,
-        progress: Progress) -> Optional[dict[str, float]]:
-    """Train until `plan.epochs` or `plan.max_steps`, evaluating at each epoch end (if there is an eval set)."""
+        progress: Progress, saver: Optional[Saver] = None, meter: Optional[Meter] = None) -> FitResult:
+    """Train until `plan.epochs` or `plan.max_steps`, evaluating at each epoch end (if there is an eval set).
+
+    A resumed `state` continues its epoch at `state.window_in_epoch` (and its
+    `meter` holds the sums the checkpoint had). With a
+    `saver`, checkpoints are taken at step boundaries when due, and a stop
+    signal on any rank ends the run after one.
+    """
     k = state.grad_accum_steps
-    meter = Meter(state.dist.device)
+    per_epoch = steps_per_epoch(loaders.train, k)  # loaders.train_sampler.start is 0 here: a whole epoch
+    meter = meter if meter is not None else Meter(state.dist.device)  # a resumed run brings its sums
     timer = Timer()
     grad_norm: Optional[torch.Tensor] = None
     lr = 0.0
     result: Optional[dict[str, float]] = None
+    last_save = time.monotonic()
     state.model.train()
 
     def log_window() -> None:
@@ -75,17 +102,47 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
     def done(epochs_completed: int) -> bool:
         return epochs_completed >= plan.epochs or (plan.max_steps is not None and state.step >= plan.max_steps)
 
+    def boundary() -> Optional[str]:
+        """Between steps: save when due; the stop signal's name when the run must end here."""
+        nonlocal last_save
+        if saver is None:
+            return None
+        signalled = saver.signals.received is not None
+        timed = (plan.checkpoint_every_minutes is not None and state.dist.is_main
+                 and time.monotonic() - last_save >= 60 * plan.checkpoint_every_minutes)
+        if state.dist.world_size > 1 and (saver.signals.names or plan.checkpoint_every_minutes is not None):
+            # One tiny host all-reduce: a signal that reached one rank (or rank 0's clock) decides for all.
+            signalled, timed = state.dist.any_of([signalled, timed])
+        periodic = plan.checkpoint_every_steps is not None and state.step % plan.checkpoint_every_steps == 0
+        if signalled or timed or periodic:
+            paused = time.perf_counter()
+            saver.save(state, meter)
+            last_save = time.monotonic()
+            timer.start += time.perf_counter() - paused  # saving is not training time
+        return (saver.signals.received or "a signal on another rank") if signalled else None
+
     while not done(state.epoch):
         loaders.train_sampler.set_epoch(state.epoch)  # a new shuffle each epoch, the same on every rank
-        for window in epoch_windows(loaders.train, loaders.train_shard, k, timer):
+        # A resumed epoch starts where the checkpoint was: no batch read twice, none replayed.
+        start = state.window_in_epoch * k * loaders.train.batch_size  # type: ignore[operator]
+        loaders.train_sampler.start = start
+        for window in epoch_windows(loaders.train, loaders.train_shard, k, timer, start):
             lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
             grad_norm = train_step(state, task, window, meter)
+            state.window_in_epoch += 1
             timer.steps += 1
             progress.step(state.epoch + 1)
             if state.step % plan.log_every == 0:
                 log_window()
             if plan.max_steps is not None and state.step >= plan.max_steps:
                 break
+            # The epoch's last step reaches its boundary after the epoch-end records, below,
+            # so that a checkpoint never sits between a step and the records of that step.
+            if state.window_in_epoch < per_epoch:
+                stopped = boundary()
+                if stopped:
+                    return FitResult(result, stopped)
+        loaders.train_sampler.start = 0
         if done(state.epoch + 1) and timer.steps > 0:
             log_window()  # the partial logging window at the very end
         paused = time.perf_counter()
@@ -101,4 +158,9 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         # time, or its samples_per_s and step_time_s would drop at every epoch.
         timer.start += time.perf_counter() - paused
         state.epoch += 1
-    return result
+        state.window_in_epoch = 0
+        if not done(state.epoch):
+            stopped = boundary()
+            if stopped:
+                return FitResult(result, stopped)
+    return FitResult(result)

@@ -33,6 +33,7 @@ from dtrain.state import TrainState
 from dtrain.step import Window, epoch_windows, train_step
 from dtrain.task import Task
 from dtrain.errors import ConfigError, DTrainError
+from dtrain.resume import new_run_dir
 from dtrain.run import session
 
 PROG = "dtrain.lr_find"
@@ -247,6 +248,9 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
         # Group lrs are scaled relative to optim.lr; 0 would leave nothing to scale.
         raise ConfigError("optim.lr", cfg.optim.lr, "a number > 0 for lr_find (it sets the lr scale of the groups)")
     # The test's own lr replaces the schedule: a warm-up would bend the exponential ramp.
+    if not cfg.output_dir:
+        # Only rank 0 writes, and only it uses this name.
+        cfg = dataclasses.replace(cfg, output_dir=new_run_dir())
     run_cfg = dataclasses.replace(cfg, sched=SchedConfig(name="constant", warmup_steps=0))
     f = cfg.lr_find
     # The same set-up as `dtrain.run.train`, so the weights and batches are those a training run starts with.

@@ -44,6 +44,19 @@ class Meter:
         return totals.tolist()
 
 
+    def global_state(self, dist_state: DistState) -> list[float]:
+        """[window sum, window count, epoch sum, epoch count] over all ranks (one collective), for a checkpoint."""
+        counts = torch.tensor(self.counts, dtype=torch.float64, device=self.device)
+        both = torch.stack([self.loss_sums, counts], dim=1).reshape(-1)  # sum0, count0, sum1, count1
+        return dist_state.all_reduce_sum(both).tolist()
+
+    def load_global_state(self, values: list[float], is_main: bool) -> None:
+        """Rank 0 takes the saved global sums, the others start from zero: the next take() adds them up."""
+        if is_main:
+            self.loss_sums = torch.tensor([values[0], values[2]], dtype=torch.float64, device=self.device)
+            self.counts = [int(values[1]), int(values[3])]
+
+
 @dataclass
 class Timer:
     """Host wall time between logging steps, and the part spent waiting on the loader."""

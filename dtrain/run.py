@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -11,51 +12,32 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dtrain import checkpoint
+from dtrain.checkpoint import mark_finished, write_atomic
 from dtrain.config import Config, to_dict, to_yaml
 from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
-from dtrain.errors import ConfigError, DTrainError
+from dtrain.errors import DTrainError
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
 from dtrain.factories import call_factory
 from dtrain.models import build_model, prepare_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision, check_precision
+from dtrain.meters import Meter
+from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
+from dtrain.resume import Saver, Start, decide_start, print_main, requeue_slurm_job, restore
 from dtrain.seeding import rank_seed, seed_everything
 from dtrain.state import TrainState
 from dtrain.task import Task, build_task
 
 
-# What a run writes into output_dir; overwrite=true removes all of it first, so
-# a replaced run leaves no stale event file, plot or weights behind.
-RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model.pt", "curves.png", "tensorboard", "wandb")
-
-
-def prepare_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked to; one-line errors for unusable paths."""
-    metrics = os.path.join(path, "metrics.jsonl")
-    if os.path.exists(metrics) and not overwrite:
-        raise ConfigError("output_dir", path, "a new directory, or overwrite=true to replace the run "
-                          f"already there ({metrics})")
-    try:
-        os.makedirs(path, exist_ok=True)
-        if overwrite:
-            for name in RUN_OUTPUTS:
-                target = os.path.join(path, name)
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                elif os.path.lexists(target):
-                    os.remove(target)
-    except OSError as exc:
-        raise ConfigError("output_dir", path, f"a writable directory ({exc.strerror or exc})") from None
-
-
 def write_text(path: str, text: str) -> None:
+    """A whole file or none: a temporary name, then a rename."""
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_atomic(path, text.encode("utf-8"))
     except OSError as exc:
         raise DTrainError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -160,18 +142,24 @@ class Session:
     loaders: Loaders
     task: Task
     loop: TrainState
+    meter: Meter
     groups: list[GroupInfo]
     steps_per_epoch: int
     total_steps: int
     runtime: dict[str, Any]
+    start: Optional[Start]
+    resumed: Optional[dict[str, Any]]
+    """The checkpoint the run continues from (its step, W&B run id), or None."""
 
 
 @contextmanager
-def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable[[], None],
+def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable[[], Optional[Start]],
             total_steps: Optional[int] = None, given: Optional[Given] = None) -> Iterator[Session]:
-    """Launch -> process group -> rank-0 `prepare` -> data -> model -> loop; the group is always destroyed.
+    """Launch -> process group -> rank-0 `prepare` -> data -> model -> loop (-> checkpoint); the group is always
+    destroyed.
 
-    `total_steps` overrides the plan's step count (the LR finder's own length).
+    `prepare` runs on rank 0 and may return a Start: where the run writes and which checkpoint it continues
+    from. `total_steps` overrides the plan's step count (the LR finder's own length).
     """
     given = given or Given()
     launch = detect_launch(os.environ if environ is None else environ)
@@ -181,7 +169,9 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
     check_precision(cfg.train.precision, device)
 
     with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
-        ds.run_on_main(prepare)
+        start: Optional[Start] = ds.run_on_main(prepare)
+        if start is not None:
+            cfg = dataclasses.replace(cfg, output_dir=start.output_dir)
         if given.data is None:
             fetch_datasets(cfg.data, cfg.train.seed, ds)
         # Each rank builds its data, model and optimizer alone; then all agree that every
@@ -194,7 +184,7 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
             # train.seed alone: identical on every rank, in train() and in lr_find().
             seed_everything(cfg.train.seed)
             data = describe(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
-            loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
+            loaders = build_loaders(data, cfg.data, cfg.train.seed, ds, tuple(cfg.checkpoint.signals))
             parts = build_parts(cfg, ds, _model(cfg, given, data))
         except Exception as exc:
             error = exc
@@ -204,17 +194,26 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
         per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
         total = total_steps or plan_for(cfg).total_steps(per_epoch)
         loop = wrap(cfg, ds, parts, total)
+        meter = Meter(ds.device)
+        resumed = None
+        if start is not None and start.checkpoint is not None:
+            path = start.checkpoint
+            # Rank 0 reads it (the only rank sure to see rank 0's storage) and shares it.
+            payload = ds.run_on_main(lambda: checkpoint.load(path))
+            restore(loop, payload, cfg, loaders, meter, path)
+            resumed = {"path": path, "step": loop.step, "wandb_id": payload.get("wandb_id")}
         runtime = runtime_summary(cfg, ds, loop.precision.name)
         # Objects handed to dtrain.train have no config name: say what they were.
         if given.model is not None:
             runtime["model"] = getattr(given.model, "__name__", type(given.model).__name__)
         if given.loss is not None:
             runtime["loss"] = task.loss_name
-        yield Session(ds, data, loaders, task, loop, parts.groups, per_epoch, total, runtime)
+        yield Session(ds, data, loaders, task, loop, meter, parts.groups, per_epoch, total, runtime, start, resumed)
 
 
 def plan_for(cfg: Config) -> FitPlan:
-    return FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps)
+    return FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps, cfg.checkpoint.every_steps,
+                   cfg.checkpoint.every_minutes)
 
 
 @dataclass
@@ -223,38 +222,79 @@ class RunResult:
     """The last evaluation: the loss, every metric, and the number of samples; None without an eval set."""
     loop: TrainState
     """The trained loop: model, optimizer, schedule and counters."""
+    output_dir: str = ""
+    stopped_by: Optional[str] = None
+    """The signal after whose checkpoint the run stopped; None when it ran to the end."""
 
 
 def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optional[Given] = None) -> RunResult:
     """Run training under whatever launcher started this process: the one loop behind the CLI and the API."""
-    with session(cfg, environ, lambda: prepare_output_dir(cfg.output_dir, cfg.overwrite), given=given) as run:
-        ds, loop = run.ds, run.loop
+    with session(cfg, environ, lambda: decide_start(cfg), given=given) as run:
+        ds, loop, start = run.ds, run.loop, run.start
+        assert start is not None  # decide_start always returns one; for the type checker
+        out = start.output_dir
+        cfg = dataclasses.replace(cfg, output_dir=out)
+        say = print_main(ds)
+        if start.finished is not None:
+            # Already done: report it, rewrite nothing (a requeued job that had in fact finished).
+            fin = start.finished
+            say(f"dtrain: the run in {out} finished at step {fin.get('step')}; nothing to do "
+                "(overwrite=true starts it over)")
+            return RunResult(fin.get("eval"), loop, out)
         runtime = run.runtime
+        resume_step = run.resumed["step"] if run.resumed else None
 
-        def start() -> MultiLogger:
+        def start_loggers() -> MultiLogger:
             # On rank 0 only, and shared: a config.yaml that cannot be written or a
             # logger that cannot start (no W&B account, say) stops every rank now
             # instead of leaving the others waiting in fit()'s first collective.
-            write_text(os.path.join(cfg.output_dir, "config.yaml"), to_yaml(cfg, {"runtime": runtime}))
-            return open_loggers(cfg.output_dir, cfg.log, to_dict(cfg, {"runtime": runtime}))
+            write_text(os.path.join(out, "config.yaml"), to_yaml(cfg, {"runtime": runtime}))
+            return open_loggers(out, cfg.log, to_dict(cfg, {"runtime": runtime}), resume_step,
+                                run.resumed["wandb_id"] if run.resumed else None)
 
-        opened = ds.run_on_main(start, share_result=False)
+        opened = ds.run_on_main(start_loggers, share_result=False)
         logger = opened if ds.is_main else null_logger()
         progress = Progress(cfg.log.progress, run.total_steps, enabled=ds.is_main)
         progress.print("dtrain: " + " ".join(f"{k}={v}" for k, v in runtime.items()))
         progress.print(_groups_text(run.groups, run.loop.module))
         n_eval = len(run.data.eval) if run.data.eval is not None else 0  # type: ignore[arg-type]
         progress.print(f"dtrain: {len(run.data.train)} train / {n_eval} eval samples, "  # type: ignore[arg-type]
-                       f"{run.steps_per_epoch} steps per epoch, {run.total_steps} steps in all")
+                       f"{run.steps_per_epoch} steps per epoch, {run.total_steps} steps in all; outputs in {out}")
+        if run.resumed:
+            say(f"dtrain: resuming from {run.resumed['path']} (step {resume_step}, "
+                           f"epoch {loop.epoch + 1}, step {loop.window_in_epoch} of the epoch)")
         try:
-            with logger:
-                result = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress)
+            with logger, StopSignals(cfg.checkpoint.signals) as signals:
+                saver = Saver(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
+                outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter)
+                if outcome.stopped_by is None:
+                    saver.save(loop, run.meter)  # the end: the final state, so that a rerun knows it is done
         finally:
             progress.close()
-        if ds.is_main and cfg.train.save_model:
-            torch.save(loop.module.state_dict(), os.path.join(cfg.output_dir, "model.pt"))
+        result = outcome.eval
+        if outcome.stopped_by is not None:
+            say(f"dtrain: stopped by {outcome.stopped_by} at step {loop.step} after saving a checkpoint; "
+                f"the same command resumes it (outputs in {out})")
+            if ds.is_main and cfg.checkpoint.requeue:
+                requeue_slurm_job(say)
+            return RunResult(result, loop, out, outcome.stopped_by)
+
+        def finish() -> None:
+            if cfg.train.save_model:
+                buf = io.BytesIO()
+                torch.save(loop.module.state_dict(), buf)
+                write_bytes(os.path.join(out, "model.pt"), buf.getvalue())
+            mark_finished(out, loop.step, result)
+
+        ds.run_on_main(finish, share_result=False)
         if ds.is_main and result is not None:
             values = " ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "samples")
-            print(f"dtrain: final eval {values} on {result['samples']} samples; outputs in {cfg.output_dir}",
-                  flush=True)
-        return RunResult(result, loop)
+            print(f"dtrain: final eval {values} on {result['samples']} samples; outputs in {out}", flush=True)
+        return RunResult(result, loop, out)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise DTrainError(f"cannot write {path}: {exc.strerror or exc}") from None

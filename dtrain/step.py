@@ -69,14 +69,15 @@ class Window:
 
 
 def epoch_windows(loader: DataLoader, shard: TrainShard, k: int,
-                  timer: Optional[Timer] = None) -> Iterator[Window]:
+                  timer: Optional[Timer] = None, start: int = 0) -> Iterator[Window]:
     """One epoch of this rank's loader as windows of up to k micro-batches.
 
     A window's micro-batches are all fetched before its first forward, so its
-    sample count, and so the loss scale, comes from what was read.
+    sample count, and so the loss scale, comes from what was read. `start` is
+    the rank's position the loader begins at (a resumed epoch).
     """
     it = iter(loader)
-    position = 0  # this rank's position in the epoch, counted from the batches fetched
+    position = start  # this rank's position in the epoch, counted from the batches fetched
     exhausted = False
     while not exhausted:
         t = time.perf_counter()

@@ -64,6 +64,14 @@ class MultiLogger:
         for lg in self.loggers:
             lg.log(record)
 
+    def run_id(self) -> Optional[str]:
+        """The W&B run's id, kept in checkpoints so that a resumed job continues the same run."""
+        for lg in self.loggers:
+            run = getattr(lg, "run", None)
+            if run is not None:
+                return str(run.id)
+        return None
+
     def close(self, failed: bool = False) -> None:
         if self._closed:
             return
@@ -115,8 +123,14 @@ def null_logger() -> MultiLogger:
     return MultiLogger([NullLogger()])
 
 
-def open_loggers(output_dir: str, log_cfg: Any, config: dict[str, Any]) -> MultiLogger:
-    """Open every enabled logger; called on rank 0 only (the others use null_logger())."""
+def open_loggers(output_dir: str, log_cfg: Any, config: dict[str, Any], resume_step: Optional[int] = None,
+                 wandb_id: Optional[str] = None) -> MultiLogger:
+    """Open every enabled logger; called on rank 0 only (the others use null_logger()).
+
+    A run resumed from the checkpoint of `resume_step` keeps what was logged up to
+    that step and nothing after it (the steps it will log again), and continues
+    the W&B run `wandb_id`.
+    """
     from dtrain.loggers.jsonl import JsonlLogger
 
     # What is likeliest to fail (a missing extra, W&B without an account or
@@ -131,12 +145,12 @@ def open_loggers(output_dir: str, log_cfg: Any, config: dict[str, Any]) -> Multi
         if log_cfg.wandb:
             from dtrain.loggers.wandb import WandbLogger
 
-            remote.append(WandbLogger(log_cfg, config, output_dir))
-        loggers.append(JsonlLogger(os.path.join(output_dir, "metrics.jsonl")))
+            remote.append(WandbLogger(log_cfg, config, output_dir, wandb_id))
+        loggers.append(JsonlLogger(os.path.join(output_dir, "metrics.jsonl"), resume_step))
         if log_cfg.tensorboard:
             from dtrain.loggers.tensorboard import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(os.path.join(output_dir, "tensorboard")))
+            loggers.append(TensorBoardLogger(os.path.join(output_dir, "tensorboard"), resume_step))
     except BaseException:
         MultiLogger(loggers + remote).close(failed=True)
         raise

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from dtrain.errors import DTrainError
 from dtrain.loggers.base import Record, optional_import
 
 
 class WandbLogger:
-    def __init__(self, log_cfg: Any, config: dict[str, Any], output_dir: str) -> None:
+    def __init__(self, log_cfg: Any, config: dict[str, Any], output_dir: str, run_id: Optional[str] = None) -> None:
         wandb = optional_import("wandb", "wandb")
         # Only what the user set is passed, so WANDB_PROJECT, WANDB_ENTITY,
         # WANDB_MODE, WANDB_DIR, ... keep their meaning.
@@ -23,6 +23,8 @@ class WandbLogger:
             kwargs["tags"] = list(log_cfg.tags)
         if "WANDB_DIR" not in os.environ:
             kwargs["dir"] = output_dir
+        if run_id is not None:
+            kwargs.update(id=run_id, resume="allow")  # a resumed job continues its run
         try:
             self.run = wandb.init(**kwargs)
         except wandb.errors.Error as exc:

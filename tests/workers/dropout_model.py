@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 OUT_ENV = "DTRAIN_TEST_RNG_OUT"
+SLEEP_ENV = "DTRAIN_TEST_FORWARD_SLEEP_S"
+"""Seconds each training forward sleeps: stretches a tiny run so a test can interrupt it part-way."""
 
 
 def _out(name: str) -> Path:
@@ -29,12 +32,15 @@ class DropoutMLP(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, 64), nn.Linear(64, num_classes)
         self.recorded = False
+        self.sleep_s = float(os.environ.get(SLEEP_ENV, "0"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc1(x.flatten(1)))
+        if self.training and self.sleep_s:
+            time.sleep(self.sleep_s)
         if self.training:
             keep = F.dropout(torch.ones_like(h), p=0.5, training=True)
-            if not self.recorded:
+            if not self.recorded and OUT_ENV in os.environ:
                 torch.save(keep != 0, _out("mask"))
                 self.recorded = True
             h = h * keep
@@ -43,5 +49,7 @@ class DropoutMLP(nn.Module):
 
 def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     model = DropoutMLP(math.prod(input_shape), num_classes)
-    torch.save(model.state_dict(), _out("init"))
+    if OUT_ENV in os.environ:
+        torch.save(model.state_dict(), _out("init"))
+        _out("pid").with_suffix(".txt").write_text(str(os.getpid()))
     return model

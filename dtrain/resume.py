@@ -1,0 +1,178 @@
+"""Where a run starts: a new output directory, an earlier run's newest checkpoint, or a run already finished.
+
+And the two halves of continuing: `Saver` gathers what every rank must keep
+(one collective) and has rank 0 commit it; `restore` puts a checkpoint back
+into a freshly built run on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch.distributed as dist
+
+from dtrain import checkpoint
+from dtrain.config import Config, resume_conflicts, to_dict
+from dtrain.data import Loaders
+from dtrain.dist import DistState
+from dtrain.errors import ConfigError, DTrainError
+from dtrain.meters import Meter
+from dtrain.preempt import StopSignals
+from dtrain.seeding import rank_seed, rng_state, seed_everything, set_rng_state
+from dtrain.state import TrainState
+
+# What a run writes into output_dir; overwrite=true removes all of it first, so
+# a replaced run leaves no stale event file, plot, weights or checkpoint behind.
+RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model.pt", "curves.png", "tensorboard", "wandb", checkpoint.SUBDIR)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Decided on rank 0 before anything is built, and shared with every rank."""
+
+    output_dir: str
+    checkpoint: Optional[str] = None
+    """The committed checkpoint to continue from; None: start from step 0."""
+    finished: Optional[dict[str, Any]] = None
+    """finished.json of a run that already ended: nothing is trained or rewritten."""
+
+
+def new_run_dir(root: str = "runs") -> str:
+    """runs/<date>-<time>, with -2, -3, ... if that exists: a default that never collides."""
+    stem = os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
+    path, n = stem, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}"
+    return path
+
+
+def decide_start(cfg: Config) -> Start:
+    """Rank 0: pick the output directory and what to continue from; refuse to clobber an earlier run."""
+    path = os.path.expanduser(cfg.output_dir) if cfg.output_dir else new_run_dir()
+    has_run = os.path.exists(os.path.join(path, "metrics.jsonl")) or os.path.isdir(checkpoint.checkpoints_dir(path))
+    start = Start(path)
+    if cfg.overwrite:
+        _remove_outputs(path)
+    elif cfg.resume not in ("auto", "never"):
+        start = Start(path, checkpoint=os.path.expanduser(cfg.resume))
+        if not checkpoint.is_committed(start.checkpoint):
+            raise ConfigError("resume", cfg.resume, "auto | never | a committed checkpoint directory "
+                              f"(one holding {checkpoint.COMMIT}), e.g. {checkpoint.checkpoints_dir(path)}/step-...")
+    elif cfg.resume == "auto" and checkpoint.committed(path):
+        latest = checkpoint.committed(path)[-1].path
+        start = Start(path, checkpoint=latest, finished=checkpoint.finished(path))
+    elif has_run:
+        raise ConfigError("output_dir", path, "a new directory, or overwrite=true to replace the run already there"
+                          + ("" if cfg.resume == "never" else " (it has no committed checkpoint to resume from)"))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("output_dir", path, f"a writable directory ({exc.strerror or exc})") from None
+    return start
+
+
+def _remove_outputs(path: str) -> None:
+    try:
+        for name in RUN_OUTPUTS:
+            target = os.path.join(path, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.remove(target)
+    except OSError as exc:
+        raise ConfigError("output_dir", path, f"a writable directory ({exc.strerror or exc})") from None
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    return cfg.data.batch_size * cfg.train.grad_accum_steps * world_size
+
+
+def restore(state: TrainState, payload: dict[str, Any], cfg: Config, loaders: Loaders, meter: Meter,
+            path: str) -> None:
+    """Put a checkpoint back on this rank, after checking that it belongs to this config."""
+    ds = state.dist
+    conflicts = resume_conflicts(payload["config"], to_dict(cfg))
+    if conflicts:
+        raise DTrainError(f"cannot resume from {path}: the config differs from the checkpoint's in what changes "
+                          f"the math: {'; '.join(conflicts)}; use resume=never with a new output_dir, or "
+                          "overwrite=true, to start over")
+    saved_batch, batch = int(payload["global_batch"]), global_batch(cfg, ds.world_size)
+    if saved_batch != batch:
+        raise DTrainError(f"cannot resume from {path}: its global batch is {saved_batch}, this run's is {batch} "
+                          f"({cfg.data.batch_size} x {cfg.train.grad_accum_steps} x {ds.world_size} processes); "
+                          "change data.batch_size or train.grad_accum_steps so that they match")
+    state.load_state_dict(payload["train"])
+    meter.load_global_state(payload["meters"], ds.is_main)
+    rngs = payload["rng"]
+    if int(payload["world_size"]) == ds.world_size:
+        set_rng_state(rngs[str(ds.rank)], loaders.workers_rng)
+    else:
+        # Other ranks than were saved: fresh per-rank streams, still a function of
+        # (seed, rank, world size) and of the step, so a rerun repeats them.
+        seed = rank_seed(cfg.train.seed + state.step, ds.rank, ds.world_size)
+        seed_everything(seed)
+        loaders.workers_rng.manual_seed(seed)
+
+
+class Saver:
+    """Saves a checkpoint of the whole job: called by every rank at the same step boundary."""
+
+    def __init__(self, cfg: Config, output_dir: str, ds: DistState, loaders: Loaders, signals: StopSignals,
+                 run_id: Callable[[], Optional[str]], say: Callable[[str], None]) -> None:
+        self.cfg, self.output_dir, self.ds, self.loaders = cfg, output_dir, ds, loaders
+        self.signals, self.run_id, self.say = signals, run_id, say
+
+    def save(self, state: TrainState, meter: Meter) -> None:
+        started = time.perf_counter()
+        meters = meter.global_state(self.ds)  # collective: every rank is here
+        mine = rng_state(self.loaders.workers_rng)
+        rngs: list[Any] = [mine]
+        if self.ds.world_size > 1:
+            rngs = [None] * self.ds.world_size
+            dist.all_gather_object(rngs, mine)
+
+        def write() -> str:
+            payload = {"format": 1, "train": state.state_dict(), "meters": meters,
+                       "rng": {str(r): s for r, s in enumerate(rngs)}, "world_size": self.ds.world_size,
+                       "global_batch": global_batch(self.cfg, self.ds.world_size), "config": to_dict(self.cfg),
+                       "wandb_id": self.run_id()}
+            return checkpoint.save(self.output_dir, state.step, state.epoch, payload, self.cfg.checkpoint.keep)
+
+        # Rank 0 writes; a failure there (a full disk) reaches every rank as one error.
+        path = self.ds.run_on_main(write, share_result=False)
+        if self.ds.is_main:
+            size = os.path.getsize(os.path.join(path, checkpoint.STATE))
+            self.say(f"dtrain: checkpoint of step {state.step} saved in {time.perf_counter() - started:.2f} s "
+                     f"({size / 2**20:.1f} MiB): {path}")
+
+
+def requeue_slurm_job(say: Callable[[str], None]) -> None:
+    """Rank 0, after a signal's checkpoint: put the Slurm job back in the queue, if it is one and allows it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    try:
+        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        say(f"dtrain: could not requeue Slurm job {job}: {exc}; resubmit the same command to resume")
+        return
+    if res.returncode == 0:
+        say(f"dtrain: requeued Slurm job {job}; it resumes from the checkpoint")
+    else:
+        why = " ".join((res.stderr or res.stdout).split()) or f"exit {res.returncode}"
+        say(f"dtrain: Slurm job {job} was not requeued ({why}); submit it with --requeue, or resubmit "
+            "the same command to resume")
+
+
+def print_main(ds: DistState) -> Callable[[str], None]:
+    def say(line: str) -> None:
+        if ds.is_main:
+            print(line, file=sys.stdout, flush=True)
+    return say

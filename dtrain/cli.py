@@ -21,7 +21,8 @@ def parse_args(prog: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file with config values (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.epochs=3 optim.lr=0.1")
-    return parser.parse_args(argv)
+    # Intermixed: `key=value --config FILE key=value` works (sbatch scripts put their own overrides first).
+    return parser.parse_intermixed_args(argv)
 
 
 def _enable_faulthandler() -> None:

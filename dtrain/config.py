@@ -195,6 +195,10 @@ class CheckpointConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     """Signals that mean "save and stop" (Slurm's time limit and --signal, a preemption): every rank saves
     the same step and exits 0, whichever ranks received it."""
+    stop_grace_s: float = 20.0
+    """After a stop signal, how long a rank waits to reach the step boundary where every rank saves; past
+    that (a peer died, and torchrun is stopping the survivors; or one step is slower than this) it stops
+    without a checkpoint, closing its loggers, before the launcher's SIGKILL (about 30 s after its signal)."""
     requeue: bool = True
     """Under Slurm, after a signal's checkpoint, rank 0 requeues the job (`scontrol requeue`) when the job
     allows it (sbatch --requeue); the requeued job resumes by itself."""
@@ -395,6 +399,8 @@ def validate(cfg: Config) -> None:
     _check(c.every_minutes is None or (c.every_minutes > 0 and math.isfinite(c.every_minutes)),
            "checkpoint.every_minutes", c.every_minutes, "a number > 0, or null")
     _check(c.keep >= 1, "checkpoint.keep", c.keep, "an integer >= 1")
+    _check(c.stop_grace_s > 0 and math.isfinite(c.stop_grace_s), "checkpoint.stop_grace_s", c.stop_grace_s,
+           "a number of seconds > 0")
     for i, name in enumerate(c.signals):
         _check(name in CATCHABLE_SIGNALS, f"checkpoint.signals[{i}]", name, " | ".join(CATCHABLE_SIGNALS))
     _check(bool(cfg.resume), "resume", cfg.resume, "auto | never | the path of a checkpoint")

@@ -114,6 +114,8 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             # One tiny host all-reduce: a signal that reached one rank (or rank 0's clock) decides for all.
             signalled, timed = state.dist.any_of([signalled, timed])
         periodic = plan.checkpoint_every_steps is not None and state.step % plan.checkpoint_every_steps == 0
+        if signalled:
+            saver.signals.acknowledge()
         if signalled or timed or periodic:
             paused = time.perf_counter()
             saver.save(state, meter)

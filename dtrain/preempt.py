@@ -18,12 +18,37 @@ from typing import Any, Optional, Sequence
 
 
 class StopSignals:
-    """Installs flag-setting handlers for the configured signals while a `with` block runs."""
+    """Installs flag-setting handlers for the configured signals while a `with` block runs.
 
-    def __init__(self, names: Sequence[str]) -> None:
+    The same signal means something else when a peer has died: torchrun then
+    SIGTERMs the survivors, which can never reach a step boundary together
+    again. So a rank that has not reached one `grace_s` after its signal stops
+    without saving (a SIGINT to the main thread, whose KeyboardInterrupt closes
+    the loggers on the way out), before the launcher's own SIGKILL (torchrun and
+    Slurm wait about 30 s).
+    """
+
+    def __init__(self, names: Sequence[str], grace_s: float = 20.0) -> None:
         self.names = tuple(names)
+        self.grace_s = grace_s
         self.received: Optional[str] = None
         self._previous: dict[int, Any] = {}
+        self._timer: Optional[threading.Timer] = None
+        self._giving_up = False
+
+    def acknowledge(self) -> None:
+        """The ranks met at a step boundary and agreed to save: no deadline any more."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _give_up(self) -> None:
+        self._giving_up = True
+        print(f"dtrain: no step boundary reached within {self.grace_s:g} s of {self.received} (is a peer gone?); "
+              "stopping without a checkpoint", file=sys.stderr, flush=True)
+        # A real SIGINT to the main thread: it also wakes a sleep or a blocking read there, which
+        # _thread.interrupt_main() would not. Its default handler raises KeyboardInterrupt.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
@@ -33,6 +58,7 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.acknowledge()
         for signum, previous in self._previous.items():
             # None: a handler set outside Python; the default is the closest we can restore.
             signal.signal(signum, signal.SIG_DFL if previous is None else previous)
@@ -40,10 +66,16 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
-        if self.received is not None and signum in (signal.SIGTERM, signal.SIGINT):
-            # Asked twice: the launcher is out of patience (or the user pressed Ctrl-C again).
+        if self._giving_up and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # our own, from _give_up, where SIGINT is one of the stop signals
+        if self.received == name and signum in (signal.SIGTERM, signal.SIGINT):
+            # The same signal twice: the launcher is out of patience (or Ctrl-C, again). Another
+            # signal after the first (torchrun's SIGTERM after Slurm's USR1) just confirms it.
             raise SystemExit(128 + signum)
         if self.received is None:
             self.received = name
             print(f"dtrain: received {name}; saving a checkpoint at the next step boundary, then stopping",
                   file=sys.stderr, flush=True)
+            self._timer = threading.Timer(self.grace_s, self._give_up)
+            self._timer.daemon = True
+            self._timer.start()

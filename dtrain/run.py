@@ -264,7 +264,7 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
             say(f"dtrain: resuming from {run.resumed['path']} (step {resume_step}, "
                            f"epoch {loop.epoch + 1}, step {loop.window_in_epoch} of the epoch)")
         try:
-            with logger, StopSignals(cfg.checkpoint.signals) as signals:
+            with logger, StopSignals(cfg.checkpoint.signals, cfg.checkpoint.stop_grace_s) as signals:
                 saver = Saver(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
                 outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter)
                 if outcome.stopped_by is None:

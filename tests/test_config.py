@@ -90,3 +90,29 @@ def test_existing_run_is_not_clobbered(tmp_path: Path) -> None:
     res = run([sys.executable, "-m", "dtrain", "data.name=synthetic", f"output_dir={out}"], timeout=60)
     assert res.returncode == 2 and "overwrite=true" in res.stderr
     assert (out / "metrics.jsonl").read_text() == '{"split": "train", "step": 1}\n'
+
+
+def test_overrides_may_come_before_and_after_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """sbatch scripts put output_dir=... first and pass `--config FILE key=value` after it."""
+    from dtrain.cli import parse_args
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  epochs: 7\n")
+    args = parse_args("dtrain", ["output_dir=runs/x", "--config", str(cfg_file), "optim.lr=0.2"])
+    assert args.config == str(cfg_file) and args.overrides == ["output_dir=runs/x", "optim.lr=0.2"]
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.output_dir, cfg.train.epochs, cfg.optim.lr) == ("runs/x", 7, 0.2)
+
+
+def test_slurm_scripts_are_valid_bash_and_set_up_for_clusters() -> None:
+    import subprocess
+    from pathlib import Path
+
+    for script in sorted((Path(__file__).resolve().parent.parent / "slurm").glob("*.sbatch")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        text = script.read_text()
+        for needle in ("#SBATCH --signal=USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                       "--cpus-per-task=", "# source ", 'output_dir="runs/slurm-${SLURM_JOB_ID}" "$@"'):
+            assert needle in text, (script.name, needle)
+    torchrun_script = (Path(__file__).resolve().parent.parent / "slurm" / "train_torchrun.sbatch").read_text()
+    assert "29500" not in torchrun_script and "SIGUSR1" in torchrun_script and "NPROC_PER_NODE" in torchrun_script

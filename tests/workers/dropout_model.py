@@ -32,6 +32,7 @@ class DropoutMLP(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, 64), nn.Linear(64, num_classes)
         self.recorded = False
+        self.p = 0.5
         self.sleep_s = float(os.environ.get(SLEEP_ENV, "0"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ class DropoutMLP(nn.Module):
         if self.training and self.sleep_s:
             time.sleep(self.sleep_s)
         if self.training:
-            keep = F.dropout(torch.ones_like(h), p=0.5, training=True)
+            keep = F.dropout(torch.ones_like(h), p=self.p, training=True)
             if not self.recorded and OUT_ENV in os.environ:
                 torch.save(keep != 0, _out("mask"))
                 self.recorded = True
@@ -52,4 +53,11 @@ def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     if OUT_ENV in os.environ:
         torch.save(model.state_dict(), _out("init"))
         _out("pid").with_suffix(".txt").write_text(str(os.getpid()))
+    return model
+
+
+def build_no_dropout(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The same model without dropout (for runs compared across world sizes), still sleeping and recording pids."""
+    model = build(input_shape, num_classes)
+    model.p = 0.0  # type: ignore[assignment]
     return model

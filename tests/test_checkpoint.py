@@ -1,0 +1,244 @@
+"""Checkpoints: committed whole or not at all, resumed exactly, and saved by every rank on a signal to any.
+
+The references are independent runs: the same command left uninterrupted, whose
+final weights the interrupted-and-resumed run must equal bit for bit (same
+world size) or to the equivalence tolerance (another world size, same global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain import checkpoint
+from dtrain.errors import DTrainError
+from helpers import REPO, child_env, dtrain, records, rel_diff
+
+# ---------------------------------------------------------------- on disk, in-process
+
+
+def _state(step: int) -> dict:
+    return {"train": {"step": step, "model": {"w": torch.full((3,), float(step))}}, "config": {}}
+
+
+def test_save_commits_and_keeps_the_newest(tmp_path: Path) -> None:
+    for step in (3, 6, 9):
+        checkpoint.save(str(tmp_path), step, 0, _state(step), keep=2)
+    found = checkpoint.committed(str(tmp_path))
+    assert [f.step for f in found] == [6, 9]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-000000006", "step-000000009"]
+    loaded = checkpoint.load(found[-1].path)  # weights_only=True inside
+    assert torch.equal(loaded["train"]["model"]["w"], torch.full((3,), 9.0))
+
+
+def test_only_committed_checkpoints_count(tmp_path: Path) -> None:
+    checkpoint.save(str(tmp_path), 4, 0, _state(4), keep=5)
+    root = tmp_path / "checkpoints"
+    # A save killed before its rename, one killed before commit.json, one whose file was cut short.
+    (root / ".step-000000008.tmp").mkdir()
+    (root / ".step-000000008.tmp" / "state.pt").write_bytes(b"partial")
+    (root / "step-000000010").mkdir()
+    (root / "step-000000010" / "state.pt").write_bytes(b"no commit marker")
+    torn = root / "step-000000012"
+    torn.mkdir()
+    (torn / "state.pt").write_bytes(b"short")
+    (torn / "commit.json").write_text(json.dumps({"step": 12, "files": {"state.pt": 999}}))
+    assert [f.step for f in checkpoint.committed(str(tmp_path))] == [4]
+    with pytest.raises(DTrainError, match="a committed checkpoint directory"):
+        checkpoint.load(str(torn))
+    checkpoint.save(str(tmp_path), 14, 0, _state(14), keep=5)
+    assert not (root / ".step-000000008.tmp").exists()  # the next save clears a dead one's leftovers
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint.save(str(tmp_path), 5, 0, _state(5), keep=1)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(DTrainError) as err:
+        checkpoint.save(str(tmp_path), 10, 0, _state(10), keep=1)
+    assert "cannot write the checkpoint of step 10" in str(err.value) and "No space left" in str(err.value)
+    monkeypatch.undo()
+    (found,) = checkpoint.committed(str(tmp_path))
+    assert found.step == 5 and checkpoint.load(found.path)["train"]["step"] == 5
+    assert os.listdir(tmp_path / "checkpoints") == ["step-000000005"]
+
+
+# ---------------------------------------------------------------- real jobs
+
+SMALL = ["data.name=synthetic", "data.train_size=300", "data.batch_size=8", "train.grad_accum_steps=2",
+         "train.epochs=4", "log.every_steps=1", "log.progress=none", "model.name=tests.workers.dropout_model:build"]
+# 2 ranks x 150 samples in batches of 8 (19 batches) in windows of 2: 10 steps an epoch, 40 in all.
+STEPS = 40
+
+
+def _start(nproc: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "dtrain", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _lines(path: Path) -> int:
+    try:
+        return sum(1 for _ in path.open())
+    except FileNotFoundError:
+        return 0
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt")
+
+
+def _assert_bitwise(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _assert_each_step_once_and_same_as(ref: Path, run: Path, rel: float) -> None:
+    got, want = records(run), records(ref)
+    assert [(r["split"], r["step"]) for r in got] == [(r["split"], r["step"]) for r in want]
+    for g, w in zip(got, want):
+        assert g["samples"] == w["samples"] and rel_diff(g["loss"], w["loss"]) <= rel, (g, w)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("extra", [["data.num_workers=2"], ["train.precision=bf16"]], ids=["workers2", "bf16"])
+def test_kill_9_at_random_points_then_rerun_gives_bitwise_the_same_weights(tmp_path: Path, extra: list[str]) -> None:
+    """The whole job is SIGKILLed at random moments (inside accumulation windows, during saves), then rerun."""
+    args = [*SMALL, *extra, "checkpoint.every_steps=3"]
+    ref = tmp_path / "uninterrupted"
+    dtrain(2, [*args, f"output_dir={ref}"])
+    run = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills: list[int] = []
+    env = {"DTRAIN_TEST_FORWARD_SLEEP_S": "0.02"}
+    for attempt in range(12):
+        proc = _start(2, [*args, f"output_dir={run}"], env)
+        target = _lines(run / "metrics.jsonl") + rng.randint(2, 9)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _lines(run / "metrics.jsonl") < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))  # a moment later: inside a window, a save or an eval
+        if proc.poll() is None and len(kills) < 6:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            kills.append(_lines(run / "metrics.jsonl"))
+            continue
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        break
+    assert len(kills) >= 5, kills
+    assert checkpoint.finished(str(run)) is not None
+    _assert_bitwise(ref, run)
+    # Each step's records once, equal to the uninterrupted run's (the loss sums of a window
+    # that spans a resume are added in another order: equal to rounding).
+    _assert_each_step_once_and_same_as(ref, run, rel=1e-12)
+    print(f"{extra}: killed after {kills} records; final weights bitwise equal")
+
+
+def _pids(out: Path) -> dict[int, int]:
+    return {r: int((out / f"pid_rank{r}.txt").read_text()) for r in (0, 1) if (out / f"pid_rank{r}.txt").exists()}
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("who, sig", [("rank1", signal.SIGUSR1), ("rank0", signal.SIGTERM), ("all", signal.SIGUSR2)])
+def test_a_signal_to_any_ranks_saves_the_same_step_on_all_and_resumes_exactly(tmp_path: Path, who: str,
+                                                                                 sig: signal.Signals) -> None:
+    ref = tmp_path / "uninterrupted"
+    dtrain(2, [*SMALL, f"output_dir={ref}"])
+    run, marks = tmp_path / "signalled", tmp_path / "marks"
+    marks.mkdir()
+    proc = _start(2, [*SMALL, f"output_dir={run}"], {"DTRAIN_TEST_FORWARD_SLEEP_S": "0.02",
+                                                     "DTRAIN_TEST_RNG_OUT": str(marks)})
+    while _lines(run / "metrics.jsonl") < 12 and proc.poll() is None:
+        time.sleep(0.01)
+    pids = _pids(marks)
+    sent = time.monotonic()
+    for rank in ((0, 1) if who == "all" else (int(who[-1]),)):
+        os.kill(pids[rank], sig)
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 0, err
+    assert out.count("stopped by") == 1 and f"received {sig.name}" in err
+    (saved,) = checkpoint.committed(str(run))  # one step, saved once, by every rank together
+    assert 12 <= saved.step < STEPS and checkpoint.finished(str(run)) is None
+    print(f"{sig.name} to {who}: all ranks out {took:.1f} s after the signal, checkpoint of step {saved.step}")
+    dtrain(2, [*SMALL, f"output_dir={run}"])
+    _assert_bitwise(ref, run)
+    _assert_each_step_once_and_same_as(ref, run, rel=1e-12)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path: Path) -> None:
+    """2 x 16 stopped part-way, resumed as 4 x 8: the same sample order, the uninterrupted run's result."""
+    common = ["data.name=synthetic", "data.train_size=301", "train.epochs=3", "log.every_steps=1",
+              "log.progress=none", "optim.lr=0.1", "model.name=tests.workers.dropout_model:build_no_dropout"]
+    ref = tmp_path / "uninterrupted"
+    dtrain(2, [*common, "data.batch_size=16", f"output_dir={ref}"])
+    run, marks = tmp_path / "moved", tmp_path / "marks"
+    marks.mkdir()
+    proc = _start(2, [*common, "data.batch_size=16", f"output_dir={run}"],
+                  {"DTRAIN_TEST_FORWARD_SLEEP_S": "0.05", "DTRAIN_TEST_RNG_OUT": str(marks)})
+    while _lines(run / "metrics.jsonl") < 7 and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(_pids(marks)[0], signal.SIGUSR1)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    (saved,) = checkpoint.committed(str(run))
+    assert saved.step % 10 not in (0,)  # part-way through an epoch (10 steps an epoch)
+    refused = dtrain(4, [*common, "data.batch_size=16", f"output_dir={run}"], check=False)
+    assert refused.returncode != 0 and "its global batch is 32, this run's is 64" in refused.stderr
+    dtrain(4, [*common, "data.batch_size=8", f"output_dir={run}"])
+    _assert_each_step_once_and_same_as(ref, run, rel=1e-5)
+    wa, wb = _weights(ref), _weights(run)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_finished_run_is_reported_and_left_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dtrain.__main__ import main
+
+    args = ["data.name=synthetic", "train.epochs=1", "log.progress=none", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert main(args) == 0
+    assert "finished at step 32; nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_a_config_that_changes_the_math_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dtrain.__main__ import main
+
+    args = ["data.name=synthetic", "train.epochs=2", "log.progress=none", "checkpoint.every_steps=5",
+            f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    os.remove(tmp_path / "checkpoints" / "finished.json")  # as if it had been stopped at its last checkpoint
+    assert main([*args, "optim.lr=0.2", "data.num_workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "the config differs from the checkpoint's in what changes the math: optim.lr (0.05 -> 0.2)" in err
+    assert "num_workers" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_runs_without_output_dir_never_collide(tmp_path: Path) -> None:
+    from helpers import run
+
+    for _ in range(2):
+        res = run([sys.executable, "-m", "dtrain", "data.name=synthetic", "train.epochs=1"], cwd=tmp_path,
+                  env={"PYTHONPATH": str(REPO)})
+        assert res.returncode == 0, res.stderr
+    assert len(list((tmp_path / "runs").iterdir())) == 2

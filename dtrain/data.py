@@ -233,11 +233,17 @@ class TrainSampler(DistributedSampler):
         return super().__len__() - self.start
 
 
+# torch and multiprocessing stop workers with SIGTERM (and a join without timeout at exit):
+# a worker that ignored it would hang its rank's exit. So workers keep dying of these.
+_WORKERS_MUST_HEED = ("SIGTERM", "SIGINT")
+
+
 def _ignore_signals(names: tuple[str, ...], worker_id: int) -> None:
-    # Slurm signals every process of a step, DataLoader workers too; a worker killed by
-    # the signal meant for "save and stop" would take the run down before it can save.
+    # Slurm's --signal reaches every process of a step, DataLoader workers too; a worker killed
+    # by the USR1 meant for "save and stop" would take the run down before it can save.
     for name in names:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if name not in _WORKERS_MUST_HEED:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 @dataclass

@@ -41,6 +41,8 @@ class Start:
     """The committed checkpoint to continue from; None: start from step 0."""
     finished: Optional[dict[str, Any]] = None
     """finished.json of a run that already ended: nothing is trained or rewritten."""
+    restart: bool = False
+    """An earlier attempt of this run died before its first checkpoint: start again, replacing its logs."""
 
 
 def new_run_dir(root: str = "runs") -> str:
@@ -56,7 +58,10 @@ def new_run_dir(root: str = "runs") -> str:
 def decide_start(cfg: Config) -> Start:
     """Rank 0: pick the output directory and what to continue from; refuse to clobber an earlier run."""
     path = os.path.expanduser(cfg.output_dir) if cfg.output_dir else new_run_dir()
-    has_run = os.path.exists(os.path.join(path, "metrics.jsonl")) or os.path.isdir(checkpoint.checkpoints_dir(path))
+    has_run = os.path.exists(os.path.join(path, "metrics.jsonl"))
+    # dtrain creates checkpoints/ before it logs anything: a run with that directory and no
+    # committed checkpoint is an attempt that died early (killed, requeued), not someone else's.
+    died_early = os.path.isdir(checkpoint.checkpoints_dir(path)) and not checkpoint.committed(path)
     start = Start(path)
     if cfg.overwrite:
         _remove_outputs(path)
@@ -68,11 +73,13 @@ def decide_start(cfg: Config) -> Start:
     elif cfg.resume == "auto" and checkpoint.committed(path):
         latest = checkpoint.committed(path)[-1].path
         start = Start(path, checkpoint=latest, finished=checkpoint.finished(path))
-    elif has_run:
+    elif cfg.resume == "auto" and died_early:
+        start = Start(path, restart=True)
+    elif has_run or os.path.isdir(checkpoint.checkpoints_dir(path)):
         raise ConfigError("output_dir", path, "a new directory, or overwrite=true to replace the run already there"
                           + ("" if cfg.resume == "never" else " (it has no committed checkpoint to resume from)"))
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(checkpoint.checkpoints_dir(path), exist_ok=True)
     except OSError as exc:
         raise ConfigError("output_dir", path, f"a writable directory ({exc.strerror or exc})") from None
     return start

@@ -242,7 +242,8 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
                 "(overwrite=true starts it over)")
             return RunResult(fin.get("eval"), loop, out)
         runtime = run.runtime
-        resume_step = run.resumed["step"] if run.resumed else None
+        # 0 for an attempt that died before its first checkpoint: none of its records stay.
+        resume_step = run.resumed["step"] if run.resumed else (0 if start.restart else None)
 
         def start_loggers() -> MultiLogger:
             # On rank 0 only, and shared: a config.yaml that cannot be written or a

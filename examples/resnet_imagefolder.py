@@ -15,6 +15,6 @@ train_set = datasets.ImageFolder(f"{root}/train", tf)
 val_set = datasets.ImageFolder(f"{root}/val", tf)
 result = dtrain.train(model=models.resnet18(num_classes=len(train_set.classes)), train_data=train_set,
                       eval_data=val_set, overrides=["optim.lr=0.01", "train.epochs=3", "data.batch_size=16",
-                                                    "output_dir=runs/resnet18", "overwrite=true", *overrides])
+                                                    *overrides])
 if result.is_main:
     print(f"eval accuracy {result.eval['accuracy']:.3f}")

@@ -64,12 +64,13 @@ def test_regression_example_trains_like_plain_pytorch(tmp_path: Path, nproc: int
         assert abs(ours - plain) <= 0.1 * plain
     else:  # two ranks double the global batch (half the steps): it still trains to the noise floor
         assert ours < 1.5 * plain
-    assert records(tmp_path / "runs" / "regression", "eval")[-1]["mae"] > 0
+    (out,) = (tmp_path / "runs").iterdir()
+    assert records(out, "eval")[-1]["mae"] > 0
 
 
 def test_examples_are_short() -> None:
-    assert _user_lines(EXAMPLES / "regression.py") <= 15
-    assert _user_lines(EXAMPLES / "resnet_imagefolder.py") <= 15
+    assert _user_lines(EXAMPLES / "regression.py") < 15
+    assert _user_lines(EXAMPLES / "resnet_imagefolder.py") < 15
 
 
 # ---------------------------------------------------------------- resnet18 on an ImageFolder
@@ -101,7 +102,8 @@ def test_resnet_imagefolder_example_runs(tmp_path: Path, nproc: int) -> None:
     res = run(cmd, cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=280)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("eval accuracy") == 1
-    ev = records(tmp_path / "runs" / "resnet18", "eval")
+    (out,) = (tmp_path / "runs").iterdir()
+    ev = records(out, "eval")
     assert len(ev) == 2 and ev[-1]["samples"] == 10
 
 

@@ -25,8 +25,8 @@ def test_default_job_with_four_processes_and_no_arguments(tmp_path: Path) -> Non
     res = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
                "-m", "dtrain"], cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=240)
     assert res.returncode == 0, res.stderr
-    out = tmp_path / "runs" / "default"
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "model.pt"]
+    (out,) = (tmp_path / "runs").iterdir()  # a new runs/<date>-<time>
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "model.pt"]
     runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
     assert runtime == {"launcher": "torchrun", "precision": "fp32", "device": "cpu", "backend": "gloo",
                        "world_size": 4, "per_process_batch": 32, "grad_accum_steps": 1, "global_batch": 128}
@@ -91,13 +91,23 @@ def test_runs_with_stderr_closed(tmp_path: Path) -> None:
     assert [r["step"] for r in records(out, "train")] == [1, 2]
 
 
-def test_second_run_into_same_dir_is_refused_and_keeps_the_first(tmp_path: Path) -> None:
+def test_second_run_into_same_dir_keeps_the_first(tmp_path: Path) -> None:
+    """A finished run is reported and left as it is; an earlier run without checkpoints is refused."""
     cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", f"output_dir={tmp_path}/run"])
-    train(cfg, environ={})
+    first = train(cfg, environ={})
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = train(cfg, environ={})
+    assert again.eval == first.eval and again.loop.step == 2
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert not dist.is_initialized()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text(before)  # a run whose checkpoints are gone
+    cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", f"output_dir={other}"])
     with pytest.raises(DTrainError, match="overwrite=true"):
         train(cfg, environ={})
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert (other / "metrics.jsonl").read_text() == before
     assert not dist.is_initialized()
 
 

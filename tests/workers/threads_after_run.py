@@ -27,7 +27,9 @@ def main() -> None:
     del result
     gc.collect()
     after = thread_names()
-    print(json.dumps({"rank": int(os.environ["RANK"]), "while_held": during, "after": after}), flush=True)
+    # One write per line: two ranks share torchrun's stdout, and print() writes the newline separately.
+    sys.stdout.write(json.dumps({"rank": int(os.environ["RANK"]), "while_held": during, "after": after}) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""`python killer.py <dtrain args>` under torchrun: dtrain, killed with SIGKILL at a chosen point.
+
+DTRAIN_TEST_KILL=backward:N kills the whole job (torchrun and every rank) at rank 0's N-th
+backward of this attempt (with K=2, an odd N is inside an accumulation window);
+DTRAIN_TEST_KILL=save:N kills it half-way through writing rank 0's N-th checkpoint file.
+That is `kill -9` of the job at a precise moment, so the test does not depend on timing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def kill_job() -> None:
+    agent = os.getppid()  # torchrun
+    try:
+        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    except OSError:
+        children = []
+    for pid in [agent, *map(int, children)]:
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(spec: str) -> None:
+    import torch
+
+    import dtrain.checkpoint
+    import dtrain.precision
+
+    what, _, n = spec.partition(":")
+    target, count = int(n), [0]
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if what == "backward":
+        original = dtrain.precision.Precision.backward
+
+        def backward(self, loss):  # type: ignore[no-untyped-def]
+            count[0] += 1
+            if count[0] == target:
+                kill_job()
+            return original(self, loss)
+
+        dtrain.precision.Precision.backward = backward  # type: ignore[method-assign]
+    elif what == "save":
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if str(getattr(f, "name", "")).endswith("state.pt"):  # a checkpoint file, not model.pt
+                count[0] += 1
+            if count[0] == target and str(getattr(f, "name", "")).endswith("state.pt"):
+                buf = io.BytesIO()
+                real_save(obj, buf, *args, **kwargs)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                kill_job()
+            return real_save(obj, f, *args, **kwargs)
+
+        dtrain.checkpoint.torch.save = save  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    if os.environ.get("DTRAIN_TEST_KILL"):
+        install(os.environ["DTRAIN_TEST_KILL"])
+    from dtrain.__main__ import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -88,6 +88,12 @@ def committed(output_dir: str) -> list[Found]:
     return sorted(found, key=lambda f: f.step)
 
 
+def step_of(path: str) -> int:
+    """The step a committed checkpoint holds (from its commit.json)."""
+    with open(os.path.join(path, COMMIT), encoding="utf-8") as f:
+        return int(json.load(f)["step"])
+
+
 def is_committed(path: str) -> bool:
     try:
         with open(os.path.join(path, COMMIT), encoding="utf-8") as f:
@@ -141,9 +147,10 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (a full disk) as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DTrainError(f"cannot write the checkpoint of step {step} in {root}: {exc.strerror or exc}; "
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
+        raise DTrainError(f"cannot write the checkpoint of step {step} in {root}: {why}; "
                           "the earlier checkpoints are untouched") from None
     for old in committed(output_dir)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)

@@ -234,16 +234,17 @@ class TrainSampler(DistributedSampler):
 
 
 # torch and multiprocessing stop workers with SIGTERM (and a join without timeout at exit):
-# a worker that ignored it would hang its rank's exit. So workers keep dying of these.
-_WORKERS_MUST_HEED = ("SIGTERM", "SIGINT")
+# a worker that ignored it, or took it for "save and stop", would hang its rank's exit.
+_WORKERS_MUST_HEED = ("SIGTERM", "SIGINT", "SIGHUP")
 
 
-def _ignore_signals(names: tuple[str, ...], worker_id: int) -> None:
-    # Slurm's --signal reaches every process of a step, DataLoader workers too; a worker killed
-    # by the USR1 meant for "save and stop" would take the run down before it can save.
+def _worker_signals(names: tuple[str, ...], worker_id: int) -> None:
+    """In each DataLoader worker: forget the parent's stop-signal handlers (a forked worker
+    inherits them); Slurm's --signal reaches every process of a step, so the advance-notice
+    ones (USR1, USR2) are ignored rather than left to kill the worker before its rank saves."""
     for name in names:
-        if name not in _WORKERS_MUST_HEED:
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        heed = name in _WORKERS_MUST_HEED
+        signal.signal(getattr(signal, name), signal.SIG_DFL if heed else signal.SIG_IGN)
 
 
 @dataclass
@@ -269,12 +270,16 @@ def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     # workers (torch, random and numpy in each), per rank, so random augmentations
     # differ between ranks and repeat run after run.
     workers_rng = torch.Generator().manual_seed(rank_seed(seed, dist_state.rank, dist_state.world_size))
-    init = functools.partial(_ignore_signals, tuple(worker_ignores)) if worker_ignores and cfg.num_workers else None
+    init = functools.partial(_worker_signals, tuple(worker_ignores)) if worker_ignores and cfg.num_workers else None
     train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
                        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent,
                        generator=workers_rng, worker_init_fn=init)
+    # Its own generator too: without one, its first iterator (at the first eval) would draw
+    # the workers' seed from the global RNG, which a resumed run would then draw again.
+    eval_rng = torch.Generator().manual_seed(rank_seed(seed + 1, dist_state.rank, dist_state.world_size))
     eval_ = None if data.eval is None else DataLoader(
         data.eval, batch_size=cfg.eval_batch_size,
         sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size),
-        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent)
+        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent, generator=eval_rng,
+        worker_init_fn=init)
     return Loaders(train, sampler, shard, eval_, workers_rng)

@@ -13,16 +13,21 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any, Optional, Sequence
+
+
+TERMINATING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+REPEAT_MEANS_NOW_S = 3.0
 
 
 class StopSignals:
     """Installs flag-setting handlers for the configured signals while a `with` block runs.
 
-    The same signal means something else when a peer has died: torchrun then
-    SIGTERMs the survivors, which can never reach a step boundary together
-    again. So a rank that has not reached one `grace_s` after its signal stops
+    SIGTERM means something else when a peer has died: torchrun then SIGTERMs
+    the survivors, which can never reach a step boundary together again. So a
+    rank that has not reached one `grace_s` after a SIGTERM stops
     without saving (a SIGINT to the main thread, whose KeyboardInterrupt closes
     the loggers on the way out), before the launcher's own SIGKILL (torchrun and
     Slurm wait about 30 s).
@@ -35,6 +40,7 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
         self._timer: Optional[threading.Timer] = None
         self._giving_up = False
+        self._first_at = 0.0
 
     def acknowledge(self) -> None:
         """The ranks met at a step boundary and agreed to save: no deadline any more."""
@@ -68,14 +74,21 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self._giving_up and signum == signal.SIGINT:
             raise KeyboardInterrupt  # our own, from _give_up, where SIGINT is one of the stop signals
-        if self.received == name and signum in (signal.SIGTERM, signal.SIGINT):
-            # The same signal twice: the launcher is out of patience (or Ctrl-C, again). Another
-            # signal after the first (torchrun's SIGTERM after Slurm's USR1) just confirms it.
+        if (self.received == name and signum in TERMINATING
+                and time.monotonic() - self._first_at > REPEAT_MEANS_NOW_S):
+            # The same signal again, well after the first: the launcher is out of patience (or
+            # Ctrl-C, again). Within moments it is the same event reaching us twice (Slurm's
+            # SIGTERM to every process and torchrun's forwarded copy), and changes nothing.
             raise SystemExit(128 + signum)
         if self.received is None:
             self.received = name
+            self._first_at = time.monotonic()
             print(f"dtrain: received {name}; saving a checkpoint at the next step boundary, then stopping",
                   file=sys.stderr, flush=True)
-            self._timer = threading.Timer(self.grace_s, self._give_up)
-            self._timer.daemon = True
-            self._timer.start()
+            if signum in TERMINATING:
+                # SIGTERM is the launcher's last word (SIGKILL follows in about 30 s), and what
+                # torchrun sends when a peer died: do not wait for a boundary that may never come.
+                # USR1/USR2 are advance notice (Slurm's --signal=USR1@120): no deadline here.
+                self._timer = threading.Timer(self.grace_s, self._give_up)
+                self._timer.daemon = True
+                self._timer.start()

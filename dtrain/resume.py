@@ -46,22 +46,29 @@ class Start:
 
 
 def new_run_dir(root: str = "runs") -> str:
-    """runs/<date>-<time>, with -2, -3, ... if that exists: a default that never collides."""
+    """Create and return runs/<date>-<time> (-2, -3, ... if taken): a default that never collides,
+    since creating the directory is what claims the name."""
     stem = os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
-    path, n = stem, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{stem}-{n}"
-    return path
+    os.makedirs(root, exist_ok=True)
+    for n in range(1, 10_000):
+        path = stem if n == 1 else f"{stem}-{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise DTrainError(f"cannot find a free run directory name under {root}")
 
 
 def decide_start(cfg: Config) -> Start:
     """Rank 0: pick the output directory and what to continue from; refuse to clobber an earlier run."""
     path = os.path.expanduser(cfg.output_dir) if cfg.output_dir else new_run_dir()
     has_run = os.path.exists(os.path.join(path, "metrics.jsonl"))
-    # dtrain creates checkpoints/ before it logs anything: a run with that directory and no
-    # committed checkpoint is an attempt that died early (killed, requeued), not someone else's.
-    died_early = os.path.isdir(checkpoint.checkpoints_dir(path)) and not checkpoint.committed(path)
+    # dtrain creates checkpoints/ before it logs anything: a run with that directory, no committed
+    # checkpoint, no finished.json and the same math in its config.yaml is an earlier attempt of
+    # this very run that died before its first checkpoint (killed, requeued): start it again.
+    died_early = (os.path.isdir(checkpoint.checkpoints_dir(path)) and not checkpoint.committed(path)
+                  and checkpoint.finished(path) is None and _same_math(path, cfg))
     start = Start(path)
     if cfg.overwrite:
         _remove_outputs(path)
@@ -70,11 +77,20 @@ def decide_start(cfg: Config) -> Start:
         if not checkpoint.is_committed(start.checkpoint):
             raise ConfigError("resume", cfg.resume, "auto | never | a committed checkpoint directory "
                               f"(one holding {checkpoint.COMMIT}), e.g. {checkpoint.checkpoints_dir(path)}/step-...")
+        step = checkpoint.step_of(start.checkpoint)
+        later = [f.path for f in checkpoint.committed(path) if f.step > step]
+        if later or checkpoint.finished(path) is not None:
+            # Continuing from an earlier point here would mix two trajectories in one directory:
+            # the later checkpoints would win the next resume=auto, and pruning would eat the new ones.
+            raise ConfigError("resume", cfg.resume, f"a checkpoint no older than the newest in {path} "
+                              f"({later[-1] if later else 'the run there finished'}); to branch off an earlier "
+                              "step, resume from it into a new output_dir")
     elif cfg.resume == "auto" and checkpoint.committed(path):
         latest = checkpoint.committed(path)[-1].path
         start = Start(path, checkpoint=latest, finished=checkpoint.finished(path))
     elif cfg.resume == "auto" and died_early:
         start = Start(path, restart=True)
+        _keep_aside(path)
     elif has_run or os.path.isdir(checkpoint.checkpoints_dir(path)):
         raise ConfigError("output_dir", path, "a new directory, or overwrite=true to replace the run already there"
                           + ("" if cfg.resume == "never" else " (it has no committed checkpoint to resume from)"))
@@ -85,9 +101,31 @@ def decide_start(cfg: Config) -> Start:
     return start
 
 
+def _same_math(path: str, cfg: Config) -> bool:
+    import yaml
+
+    try:
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and not resume_conflicts(saved, to_dict(cfg))
+
+
+def _keep_aside(path: str) -> None:
+    """The dead attempt's metrics.jsonl becomes metrics.attempt-N.jsonl: restarted, nothing lost."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    if os.path.exists(metrics):
+        n = 1
+        while os.path.exists(os.path.join(path, f"metrics.attempt-{n}.jsonl")):
+            n += 1
+        os.replace(metrics, os.path.join(path, f"metrics.attempt-{n}.jsonl"))
+
+
 def _remove_outputs(path: str) -> None:
     try:
-        for name in RUN_OUTPUTS:
+        attempts = [n for n in os.listdir(path) if n.startswith("metrics.attempt-")] if os.path.isdir(path) else []
+        for name in (*RUN_OUTPUTS, *attempts):
             target = os.path.join(path, name)
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)

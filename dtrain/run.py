@@ -285,7 +285,11 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
                 buf = io.BytesIO()
                 torch.save(loop.module.state_dict(), buf)
                 write_bytes(os.path.join(out, "model.pt"), buf.getvalue())
-            mark_finished(out, loop.step, result)
+            try:
+                mark_finished(out, loop.step, result)
+            except OSError as exc:
+                raise DTrainError(f"cannot write {os.path.join(out, 'checkpoints', 'finished.json')}: "
+                                  f"{exc.strerror or exc}") from None
 
         ds.run_on_main(finish, share_result=False)
         if ds.is_main and result is not None:

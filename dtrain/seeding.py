@@ -37,7 +37,8 @@ def rng_state(loader_generator: torch.Generator) -> dict:
     state: dict = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
                    "loader": loader_generator.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: a resumed job may see fewer GPUs per process.
+        state["cuda"] = torch.cuda.get_rng_state()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         name, keys, pos, has_gauss, cached = numpy.random.get_state()
@@ -51,7 +52,7 @@ def set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
     random.setstate((version, tuple(internal), gauss))
     loader_generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
     if "numpy" in state:
         import numpy
 

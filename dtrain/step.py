@@ -9,8 +9,11 @@ gradient of one big batch of the same samples:
     scales its summed loss by W / count, because DDP then averages over the W
     ranks. The count comes from the micro-batches actually fetched and the
     sampler's padding rule (`TrainShard`), all host arithmetic: no collective.
-    Samples the sampler repeated to even out the ranks are cut off the
-    micro-batch, so they count nowhere.
+    Samples the sampler repeated to even out the ranks stay in the batch (every
+    rank keeps the shapes rank 0 has) but their per-sample losses are left out
+    of the sum, so they add nothing to the loss or the gradient. (A layer that
+    mixes samples, BatchNorm in training, still sees them in its batch
+    statistics on ranks other than 0.)
   * the gradient all-reduce runs once per window: the first micro-steps run
     under `no_sync()`, and DDP reduces the accumulated gradients on the last.
 
@@ -44,17 +47,6 @@ def batch_len(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return batch_len(next(iter(batch.values())))
     raise TypeError(f"cannot tell how many samples a batch of type {type(batch).__name__} holds")
-
-
-def batch_head(batch: Any, n: int) -> Any:
-    """The first n samples of every tensor in a batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(batch_head(b, n) for b in batch)
-    if isinstance(batch, dict):
-        return {k: batch_head(v, n) for k, v in batch.items()}
-    return batch
 
 
 @dataclass
@@ -104,6 +96,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """Every tensor in a (nested) batch, moved to the device without blocking the host."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(b, device) for b in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):
@@ -119,19 +113,15 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter) -> O
     opt.zero_grad(set_to_none=True)
     last = len(window.batches) - 1
     for j, (batch, real) in enumerate(zip(window.batches, window.real)):
-        if real < batch_len(batch):
-            # A micro-batch of repeats only still runs forward and backward on one of
-            # them: DDP needs every rank's backward, and an empty batch would feed NaN
-            # into BatchNorm's running statistics. Its loss is multiplied by zero.
-            batch = batch_head(batch, max(real, 1))
         x, y = to_device(task.split(batch), state.dist.device)
+        # The repeats are always at the batch's end: summing the first `real` per-sample losses
+        # leaves them out (a batch of repeats only still runs backward: DDP needs every rank's).
+        keep = real if real < batch_len(batch) else None
         # Skip DDP's all-reduce on all but the window's last backward.
         with model.no_sync() if j < last else nullcontext():
             with precision.autocast():
                 out = model(x)
-                loss_sum = task.loss_sum(out, y)
-            if real == 0:
-                loss_sum = loss_sum * 0.0
+                loss_sum = task.loss_sum(out, y, keep)
             precision.backward(loss_sum * scale)
         meter.add(loss_sum, real)
 

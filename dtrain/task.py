@@ -164,9 +164,11 @@ class Task:
         raise DTrainError(f"a batch is {what}; expected (inputs, targets) pairs, or dicts with the keys "
                           f"data.input_key={self.input_key!r} and data.target_key={self.target_key!r}")
 
-    def loss_sum(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Sum over the batch of the per-sample loss, in fp32 (outputs of autocast may be half)."""
-        return self.loss(_float(out), y).sum()
+    def loss_sum(self, out: torch.Tensor, y: torch.Tensor, first: Optional[int] = None) -> torch.Tensor:
+        """Sum of the per-sample loss over the batch (or its `first` samples), in fp32 (autocast outputs
+        may be half)."""
+        losses = self.loss(_float(out), y)
+        return (losses if first is None else losses[:first]).sum()
 
     def eval_sums(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[loss, *metrics] summed over the batch, float64 for exact accumulation."""

@@ -46,9 +46,6 @@ def test_eval_is_exact_on_any_world_size(tmp_path: Path, nproc: int) -> None:
     assert ev["accuracy"] == pytest.approx(acc, abs=1e-12)
 
 
-BN_RESULTS: dict[int, tuple[float, float]] = {}
-
-
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("nproc", [0, 2, 3])

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from dtrain.data import TrainShard
-from dtrain.step import Window, batch_head, batch_len, epoch_windows
+from dtrain.step import Window, batch_len, epoch_windows, to_device
 
 GRID = [(n, w, b, k) for n in (1000, 1001, 7, 13) for w, b, k in
         [(1, 60, 1), (3, 20, 1), (3, 10, 2), (4, 15, 1), (2, 10, 3), (4, 1, 1), (4, 2, 3)]]
@@ -83,10 +83,13 @@ def test_train_shard_arithmetic() -> None:
     assert s.global_real_between(240, 251) == 1001 - 960
 
 
-def test_batch_helpers_take_tuples_lists_and_dicts() -> None:
+def test_batch_helpers_take_tuples_lists_dicts_and_namedtuples() -> None:
     x, y = torch.arange(10).reshape(5, 2), torch.arange(5)
     assert batch_len((x, y)) == 5 and batch_len([x, y]) == 5 and batch_len({"a": y, "b": x}) == 5
-    head = batch_head({"a": y, "b": (x, y)}, 2)
-    assert head["a"].tolist() == [0, 1] and head["b"][0].shape == (2, 2)
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "x y")
+    moved = to_device({"a": Pair(x, y), "b": [x]}, torch.device("cpu"))
+    assert isinstance(moved["a"], Pair) and moved["a"].y is y and moved["b"][0] is x
     with pytest.raises(TypeError):
         batch_len(object())

@@ -153,7 +153,12 @@ def restore(state: TrainState, payload: dict[str, Any], cfg: Config, loaders: Lo
         raise DTrainError(f"cannot resume from {path}: its global batch is {saved_batch}, this run's is {batch} "
                           f"({cfg.data.batch_size} x {cfg.train.grad_accum_steps} x {ds.world_size} processes); "
                           "change data.batch_size or train.grad_accum_steps so that they match")
-    state.load_state_dict(payload["train"])
+    try:
+        state.load_state_dict(payload["train"])
+    except (RuntimeError, KeyError, ValueError) as exc:  # e.g. a model factory changed since the save
+        first = " ".join(str(exc).split())[:300]
+        raise DTrainError(f"cannot resume from {path}: it does not fit this run's model or optimizer "
+                          f"({type(exc).__name__}: {first})") from None
     meter.load_global_state(payload["meters"], ds.is_main)
     rngs = payload["rng"]
     if int(payload["world_size"]) == ds.world_size:

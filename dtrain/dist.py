@@ -43,17 +43,6 @@ class DistState:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def any_of(self, flags: Sequence[bool]) -> list[bool]:
-        """For each flag, whether it is set on any rank: one all-reduce of a few host numbers.
-
-        On a host (gloo) group, so it never waits for the GPU's queue of work.
-        """
-        if self.world_size == 1:
-            return list(flags)
-        values = torch.tensor([1.0 if f else 0.0 for f in flags])
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.host_group)
-        return [v > 0 for v in values.tolist()]
-
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum in place across ranks (a no-op cost for one process) and return the tensor."""
         if self.world_size > 1:
@@ -131,6 +120,39 @@ class DistState:
             rank, message = failed[0]
             others = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})" if len(failed) > 1 else ""
             raise DTrainError(f"rank {rank} failed {during}{others}: {' '.join(message.split())}")
+
+
+class LaggedAgreement:
+    """Whether a flag is set on any rank, one round late, on a host (gloo) group.
+
+    The all-reduce of round N runs in the background while the caller goes on (a whole
+    training step), and round N+1 collects it, so it neither waits on the GPU nor stalls the
+    step. Every rank collects the same rounds at the same calls: all decide alike, one step
+    after the flag was raised."""
+
+    def __init__(self, dist_state: DistState) -> None:
+        self.dist_state = dist_state
+        self._work: Any = None
+        self._values: Optional[torch.Tensor] = None
+
+    def exchange(self, flags: Sequence[bool]) -> list[bool]:
+        """Send this round's flags; return the previous round's, reduced over every rank."""
+        if self.dist_state.world_size == 1:
+            return list(flags)
+        previous = [False] * len(flags)
+        if self._work is not None and self._values is not None:
+            self._work.wait()
+            previous = [v > 0 for v in self._values.tolist()]
+        self._values = torch.tensor([1.0 if f else 0.0 for f in flags])
+        self._work = dist.all_reduce(self._values, op=dist.ReduceOp.MAX, group=self.dist_state.host_group,
+                                     async_op=True)
+        return previous
+
+    def settle(self) -> None:
+        """Wait for the round in flight (before the loop ends, so no collective is left behind)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
 
 
 def resolve_device(requested: str, local_rank: Optional[int]) -> torch.device:

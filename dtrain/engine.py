@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dtrain.data import Loaders
+from dtrain.dist import LaggedAgreement
 from dtrain.evaluate import evaluate
 from dtrain.loggers import MultiLogger, Record
 from dtrain.meters import Meter, Timer
@@ -78,6 +79,7 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
     lr = 0.0
     result: Optional[dict[str, float]] = None
     last_save = time.monotonic()
+    agreement = LaggedAgreement(state.dist)
     state.model.train()
 
     def log_window() -> None:
@@ -111,8 +113,9 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         timed = (plan.checkpoint_every_minutes is not None and state.dist.is_main
                  and time.monotonic() - last_save >= 60 * plan.checkpoint_every_minutes)
         if state.dist.world_size > 1 and (saver.signals.names or plan.checkpoint_every_minutes is not None):
-            # One tiny host all-reduce: a signal that reached one rank (or rank 0's clock) decides for all.
-            signalled, timed = state.dist.any_of([signalled, timed])
+            # One tiny host all-reduce: a signal that reached one rank (or rank 0's clock) decides for
+            # all. It runs behind the next step (the decision comes one step late), so it costs no wait.
+            signalled, timed = agreement.exchange([signalled, timed])
         periodic = plan.checkpoint_every_steps is not None and state.step % plan.checkpoint_every_steps == 0
         if signalled:
             saver.signals.acknowledge()
@@ -143,6 +146,7 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             if state.window_in_epoch < per_epoch:
                 stopped = boundary()
                 if stopped:
+                    agreement.settle()
                     return FitResult(result, stopped)
         loaders.train_sampler.start = 0
         if done(state.epoch + 1) and timer.steps > 0:
@@ -164,5 +168,7 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         if not done(state.epoch):
             stopped = boundary()
             if stopped:
+                agreement.settle()
                 return FitResult(result, stopped)
+    agreement.settle()
     return FitResult(result)

@@ -3,7 +3,7 @@
 A handler only sets a flag: no collective and no file write may run inside a
 signal handler (it can interrupt one already in progress). The loop then asks
 all ranks at each optimizer-step boundary whether any of them got a signal
-(`DistState.any_of`, one tiny all-reduce on a host group), so every rank saves
+(`dist.LaggedAgreement`, one tiny all-reduce on a host group, run behind the next step), so every rank saves
 the same step and stops, whether Slurm signalled all ranks, one rank, or only
 the batch shell that forwards it.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -62,13 +62,19 @@ def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]], num_clas
         if input_shape is None or num_classes is None:
             raise _name_error(cfg.name, f"the data does not say its {'input shape' if input_shape is None else 'number of outputs'}: set model.kwargs={{{'input_shape' if input_shape is None else 'num_classes'}: ...}}, or return dtrain.Datasets(..., {'input_shape' if input_shape is None else 'num_classes'}=...) from the data factory")
         model = mlp(input_shape, num_classes, cfg.hidden) if cfg.name == "mlp" else _cnn(input_shape, num_classes)
-    else:
-        fn = load_callable("model.name", cfg.name, "mlp | cnn | a factory 'package.module:function'")
-        offered = {"input_shape": tuple(input_shape) if input_shape is not None else None,
-                   "num_classes": num_classes}
-        model = call_factory(fn, f"model factory {cfg.name}", offered, dict(cfg.kwargs))
-        if not isinstance(model, nn.Module):
-            raise _name_error(cfg.name, f"the factory returned {type(model).__name__}, not a torch.nn.Module")
+        return prepare_model(model, cfg.init, cfg.freeze)
+    fn = load_callable("model.name", cfg.name, "mlp | cnn | a factory 'package.module:function'")
+    return from_factory(fn, cfg.name, f"config key 'model.name' has value {cfg.name!r}", cfg, input_shape,
+                        num_classes)
+
+
+def from_factory(fn: Callable[..., Any], name: str, named_as: str, cfg: ModelConfig,
+                 input_shape: Optional[Sequence[int]], num_classes: Optional[int]) -> nn.Module:
+    """Call a model factory (config path or a callable handed to dtrain.train), check, init and freeze."""
+    offered = {"input_shape": tuple(input_shape) if input_shape is not None else None, "num_classes": num_classes}
+    model = call_factory(fn, f"model factory {name}", offered, dict(cfg.kwargs))
+    if not isinstance(model, nn.Module):
+        raise DTrainError(f"{named_as}; the factory returned {type(model).__name__}, not a torch.nn.Module")
     return prepare_model(model, cfg.init, cfg.freeze)
 
 

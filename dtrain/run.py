@@ -21,25 +21,20 @@ from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
 from dtrain.errors import DTrainError
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
-from dtrain.factories import call_factory
-from dtrain.models import build_model, prepare_model
+from dtrain.models import build_model, from_factory, prepare_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision, check_precision
 from dtrain.meters import Meter
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
-from dtrain.resume import Saver, Start, decide_start, print_main, requeue_slurm_job, restore
+from dtrain.resume import Saver, Start, decide_start, global_batch, print_main, requeue_slurm_job, restore
 from dtrain.seeding import rank_seed, seed_everything
 from dtrain.state import TrainState
 from dtrain.task import Task, build_task
 
 
 def write_text(path: str, text: str) -> None:
-    """A whole file or none: a temporary name, then a rename."""
-    try:
-        write_atomic(path, text.encode("utf-8"))
-    except OSError as exc:
-        raise DTrainError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_bytes(path, text.encode("utf-8"))
 
 
 def runtime_summary(cfg: Config, ds: DistState, precision: str) -> dict[str, Any]:
@@ -51,7 +46,7 @@ def runtime_summary(cfg: Config, ds: DistState, precision: str) -> dict[str, Any
         "world_size": ds.world_size,
         "per_process_batch": cfg.data.batch_size,
         "grad_accum_steps": cfg.train.grad_accum_steps,
-        "global_batch": cfg.data.batch_size * cfg.train.grad_accum_steps * ds.world_size,
+        "global_batch": global_batch(cfg, ds.world_size),
     }
 
 
@@ -117,14 +112,11 @@ class Given:
 def _model(cfg: Config, given: Given, data: Datasets) -> torch.nn.Module:
     if given.model is None:
         return build_model(cfg.model, data.input_shape, data.num_classes)
-    model = given.model
-    if not isinstance(model, torch.nn.Module):
-        label = f"model factory {getattr(model, '__name__', type(model).__name__)}"
-        offered = {"input_shape": data.input_shape, "num_classes": data.num_classes}
-        model = call_factory(model, label, offered, dict(cfg.model.kwargs))
-        if not isinstance(model, torch.nn.Module):
-            raise DTrainError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
-    return prepare_model(model, cfg.model.init, cfg.model.freeze)
+    if isinstance(given.model, torch.nn.Module):
+        return prepare_model(given.model, cfg.model.init, cfg.model.freeze)
+    name = getattr(given.model, "__name__", type(given.model).__name__)
+    return from_factory(given.model, name, f"dtrain.train(model={name})", cfg.model, data.input_shape,
+                        data.num_classes)
 
 
 def build_task_for(cfg: Config, given: Given) -> Task:
@@ -299,6 +291,7 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
 
 
 def write_bytes(path: str, data: bytes) -> None:
+    """A whole file or none (a temporary name, then a rename); a failure is one line naming the file."""
     try:
         write_atomic(path, data)
     except OSError as exc:

@@ -203,11 +203,29 @@ class Saver:
                      f"({size / 2**20:.1f} MiB): {path}")
 
 
+REQUEUE_FLAG_ENV = "DTRAIN_REQUEUE_FLAG"
+"""Set by a batch script that requeues the job itself once its step has ended (slurm/*.sbatch do)."""
+
+
 def requeue_slurm_job(say: Callable[[str], None]) -> None:
-    """Rank 0, after a signal's checkpoint: put the Slurm job back in the queue, if it is one and allows it."""
+    """Rank 0, after a signal's checkpoint, once everything is closed: put the Slurm job back in the queue.
+
+    `scontrol requeue` ends the running step at once (SIGTERM to each of its processes), so issued from
+    here it cuts short whatever is still exiting: other ranks, torchrun (which then prints a traceback).
+    A batch script that sets DTRAIN_REQUEUE_FLAG gets a file there instead and requeues after `srun`
+    returns, when nothing of the step is left to kill.
+    """
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return
+    flag = os.environ.get(REQUEUE_FLAG_ENV)
+    if flag:
+        try:
+            checkpoint.write_atomic(flag, f"{job}\n".encode())
+            say(f"dtrain: asked the batch script to requeue Slurm job {job}; it resumes from the checkpoint")
+            return
+        except OSError as exc:
+            say(f"dtrain: cannot write {flag} ({exc.strerror or exc}); requeueing Slurm job {job} from here")
     try:
         res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:

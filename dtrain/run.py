@@ -217,10 +217,21 @@ class RunResult:
     output_dir: str = ""
     stopped_by: Optional[str] = None
     """The signal after whose checkpoint the run stopped; None when it ran to the end."""
+    requeue: bool = False
+    """Whether this process should requeue its Slurm job (rank 0, stopped by a signal, checkpoint.requeue)."""
 
 
 def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optional[Given] = None) -> RunResult:
     """Run training under whatever launcher started this process: the one loop behind the CLI and the API."""
+    result = _train(cfg, environ, given)
+    if result.requeue:
+        # Last of all: the loggers are closed and the process group is gone, so the requeue's
+        # SIGTERM to the step finds nothing of this run half-done.
+        requeue_slurm_job(lambda line: print(line, flush=True))
+    return result
+
+
+def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Given]) -> RunResult:
     with session(cfg, environ, lambda: decide_start(cfg), given=given) as run:
         ds, loop, start = run.ds, run.loop, run.start
         assert start is not None  # decide_start always returns one; for the type checker
@@ -268,9 +279,7 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
         if outcome.stopped_by is not None:
             say(f"dtrain: stopped by {outcome.stopped_by} at step {loop.step} after saving a checkpoint; "
                 f"the same command resumes it (outputs in {out})")
-            if ds.is_main and cfg.checkpoint.requeue:
-                requeue_slurm_job(say)
-            return RunResult(result, loop, out, outcome.stopped_by)
+            return RunResult(result, loop, out, outcome.stopped_by, requeue=ds.is_main and cfg.checkpoint.requeue)
 
         def finish() -> None:
             if cfg.train.save_model:

@@ -146,8 +146,13 @@ def read_wandb_run(wandb_dir: Path) -> WandbRun:
     """The one offline run under `wandb_dir`; fails if there is not exactly one."""
     run_dirs = sorted(wandb_dir.rglob("offline-run-*"))
     assert len(run_dirs) == 1, f"expected one W&B run, found {[str(d) for d in run_dirs]}"
-    files = list(run_dirs[0].glob("run-*.wandb"))
-    assert len(files) == 1, f"expected one .wandb file in {run_dirs[0]}, found {files}"
+    return read_wandb_run_dir(run_dirs[0])
+
+
+def read_wandb_run_dir(run_dir: Path) -> WandbRun:
+    """One offline-run-<time>-<id> directory (one process's part of a run)."""
+    files = list(run_dir.glob("run-*.wandb"))
+    assert len(files) == 1, f"expected one .wandb file in {run_dir}, found {files}"
     history: list[tuple[int, dict[str, Any]]] = []
     config: dict[str, Any] = {}
     exit_code: Optional[int] = None

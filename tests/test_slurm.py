@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,3 +152,23 @@ def test_requeue_or_preemption_mid_run_resumes_to_the_uninterrupted_weights(
     assert 15 <= step < 76 and f"checkpoints/step-{step:09d}" in log, log
     assert_same_as_reference(run, reference)
     print(f"{how}: saved {saved:.1f} s after it, first resumed step {resumed:.1f} s after it (KillWait 5 s)")
+
+
+@pytest.mark.timeout(300)
+def test_a_users_own_script_is_requeued_by_rank_0(cluster: SlurmCluster, reference: Path, tmp_path: Path) -> None:
+    """A minimal batch script of a user's own (no DTRAIN_REQUEUE_FLAG): USR1 to every process of the
+    step, as `--signal=USR1@N` sends it, and rank 0 runs `scontrol requeue` itself after saving."""
+    script = tmp_path / "mine.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --requeue\n#SBATCH --open-mode=append\n"
+                      f'srun python -m dtrain output_dir=runs/mine-$SLURM_JOB_ID "$@"\n')
+    env = job_env(cluster, tmp_path, sleep_s=0.1)
+    job = cluster.sbatch(["--cpus-per-task=1", str(script), *ARGS, MODEL], env, tmp_path)
+    run, out = tmp_path / "runs" / f"mine-{job}", tmp_path / f"slurm-{job}.out"
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 15, 120, "15 steps", cluster, out)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster.env(), check=True, timeout=30)
+    info = cluster.wait_done(job, timeout=200)
+    log = slurm_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
+    assert "stopped by SIGUSR1" in log and f"requeued Slurm job {job}" in log, log
+    assert_same_as_reference(run, reference)

@@ -643,3 +643,20 @@ def test_peak_memory_is_logged_on_cuda(tmp_path: Path) -> None:
     assert train and all(0 < r["peak_memory_gb"] < 1000 for r in train)
     tb = tensorboard_points(out / "tensorboard")
     assert [s for s, _ in tb["train/peak_memory_gb"]] == [r["step"] for r in train]
+
+
+@pytest.mark.multiproc
+def test_wandb_dying_mid_run_is_one_line_and_training_goes_on(tmp_path: Path) -> None:
+    """Slurm signals every process of a step, W&B's service among them: the run must not lose its
+    checkpoint or end in W&B's tracebacks. Here the service gets SIGTERM at the 5th step of 2 ranks."""
+    out = tmp_path / "run"
+    res = dtrain(2, ["data.name=synthetic", "data.train_size=256", "data.batch_size=16", "train.epochs=2",
+                     "log.every_steps=1", "log.progress=none", "log.wandb=true", "checkpoint.every_steps=4",
+                     "model.name=tests.workers.wandb_killer:build", f"output_dir={out}"],
+                 env={**wandb_env(tmp_path), "DTRAIN_TEST_KILL_WANDB_AT": "5"})
+    assert res.returncode == 0, res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if "W&B stopped working" in ln]
+    assert "Traceback" not in res.stderr and "ConnectionResetError" in line, res.stderr
+    rows = records(out)
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 17))  # 8 steps an epoch
+    assert (out / "model.pt").exists() and (out / "checkpoints" / "finished.json").exists()

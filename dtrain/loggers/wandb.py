@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional
 
 from dtrain.errors import DTrainError
@@ -37,11 +38,42 @@ class WandbLogger:
         # W&B's step is the optimizer step; records of one step (the last
         # train window, the epoch mean, eval) merge into one history row.
         values = record.dashboard()
-        if values:
-            self.run.log({**values, "epoch": record.epoch}, step=record.step)
+        if values and not self.broken:
+            try:
+                self.run.log({**values, "epoch": record.epoch}, step=record.step)
+            except Exception as exc:  # noqa: BLE001 - whatever W&B raises, training must go on
+                self._broke(exc, f"at step {record.step}")
 
     def close(self) -> None:
-        self.run.finish(exit_code=0)
+        self._finish(0)
 
     def fail(self) -> None:
-        self.run.finish(exit_code=1)
+        self._finish(1)
+
+    broken = False
+    """Set once W&B has failed: its service died (Slurm signals every process of a job step,
+    wandb-core included, and Go programs exit on SIGTERM) or its connection broke."""
+
+    def _finish(self, exit_code: int) -> None:
+        if not self.broken:
+            try:
+                self.run.finish(exit_code=exit_code)
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._broke(exc, "while finishing the run")
+
+    def _broke(self, exc: BaseException, when: str) -> None:
+        """One line instead of W&B's tracebacks; the checkpoint, metrics.jsonl and TensorBoard carry on."""
+        self.broken = True
+        first = (str(exc).strip().splitlines() or [""])[0]
+        where = getattr(getattr(self.run, "settings", None), "sync_dir", None) or "the W&B run directory"
+        print(f"dtrain: W&B stopped working {when} ({type(exc).__name__}: {first}); training goes on without it; "
+              f"metrics.jsonl has every record, and what W&B wrote so far is in {where} (`wandb sync` uploads it)",
+              file=sys.stderr, flush=True)
+        try:
+            # Unregisters W&B's own exit hook, which would print the same broken connection again at exit.
+            import wandb
+
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - the service is gone; nothing more to say about it
+            pass

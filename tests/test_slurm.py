@@ -133,7 +133,7 @@ def test_requeue_or_preemption_mid_run_resumes_to_the_uninterrupted_weights(
     SIGKILL after KillWait (5 s here); the ranks save the same step in time and the job comes back."""
     env = job_env(cluster, tmp_path, sleep_s=0.1)
     job = cluster.sbatch(["--ntasks-per-node=2", "--cpus-per-task=1", "--exclusive",
-                          str(REPO / "slurm" / "train.sbatch"), *ARGS, MODEL], env, tmp_path)
+                          str(REPO / "slurm" / "train.sbatch"), *ARGS, MODEL, "log.wandb=true"], env, tmp_path)
     run, out = tmp_path / "runs" / f"slurm-{job}", tmp_path / f"slurm-{job}.out"
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 15, 120, "15 steps", cluster, out)
@@ -151,6 +151,10 @@ def test_requeue_or_preemption_mid_run_resumes_to_the_uninterrupted_weights(
     step = int(line.split(" at step ")[1].split()[0])
     assert 15 <= step < 76 and f"checkpoints/step-{step:09d}" in log, log
     assert_same_as_reference(run, reference)
+    # W&B's service got the SIGTERM too: at most a line about it, never a traceback; one run id.
+    assert "Traceback" not in log, log
+    ids = {d.name.rsplit("-", 1)[1] for d in (tmp_path / "wandb").rglob("offline-run-*")}
+    assert len(ids) == 1, ids
     print(f"{how}: saved {saved:.1f} s after it, first resumed step {resumed:.1f} s after it (KillWait 5 s)")
 
 

@@ -125,15 +125,17 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes_as_uninterrupted(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("how", ["scontrol-requeue", "preemption"])
+@pytest.mark.parametrize("how, extra", [("scontrol-requeue", []), ("preemption", ["data.num_workers=2"])])
 def test_requeue_or_preemption_mid_run_resumes_to_the_uninterrupted_weights(
-        cluster: SlurmCluster, reference: Path, tmp_path: Path, how: str) -> None:
+        cluster: SlurmCluster, reference: Path, tmp_path: Path, how: str, extra: list[str]) -> None:
     """train.sbatch (srun, one task per rank). `scontrol requeue` from outside, or a job in a higher
     partition preempting this one (PreemptMode=REQUEUE): Slurm sends SIGTERM to every process, then
-    SIGKILL after KillWait (5 s here); the ranks save the same step in time and the job comes back."""
+    SIGKILL after KillWait (5 s here); the ranks save the same step in time and the job comes back.
+    With DataLoader workers, which get the SIGTERM too and must not die of it before their rank saves."""
     env = job_env(cluster, tmp_path, sleep_s=0.1)
     job = cluster.sbatch(["--ntasks-per-node=2", "--cpus-per-task=1", "--exclusive",
-                          str(REPO / "slurm" / "train.sbatch"), *ARGS, MODEL, "log.wandb=true"], env, tmp_path)
+                          str(REPO / "slurm" / "train.sbatch"), *ARGS, MODEL, "log.wandb=true", *extra], env,
+                         tmp_path)
     run, out = tmp_path / "runs" / f"slurm-{job}", tmp_path / f"slurm-{job}.out"
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 15, 120, "15 steps", cluster, out)

@@ -58,7 +58,7 @@ def test_nesterov_without_momentum_is_refused() -> None:
 
 
 def test_missing_config_file() -> None:
-    with pytest.raises(DTrainError, match="config file not found"):
+    with pytest.raises(DTrainError, match="config file '/nonexistent/x.yaml' not found"):
         load_config("/nonexistent/x.yaml")
 
 
@@ -71,7 +71,7 @@ def test_override_without_equals_is_refused() -> None:
     (["train.epochs=abc"], "train.epochs"),
     (["train.bogus=1"], "train.bogus"),
     (["train.epochs=-1"], "train.epochs"),
-    (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' not found"),
     (["train.precision=fp16", "train.device=cpu"], "train.precision"),
 ])
 def test_cli_prints_one_line_and_exits_2(args: list[str], needle: str, tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_overrides_may_come_before_and_after_config(tmp_path) -> None:  # type: 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("train:\n  epochs: 7\n")
     args = parse_args("dtrain", ["output_dir=runs/x", "--config", str(cfg_file), "optim.lr=0.2"])
-    assert args.config == str(cfg_file) and args.overrides == ["output_dir=runs/x", "optim.lr=0.2"]
+    assert args.config == [str(cfg_file)] and args.overrides == ["output_dir=runs/x", "optim.lr=0.2"]
     cfg = load_config(args.config, args.overrides)
     assert (cfg.output_dir, cfg.train.epochs, cfg.optim.lr) == ("runs/x", 7, 0.2)
 

@@ -9,9 +9,7 @@ from dtrain.cli import run_cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dtrain.run import train
-
-    return run_cli("dtrain", argv, lambda cfg: train(cfg))
+    return run_cli("dtrain", argv, "dtrain.run:train")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Shared command-line handling: arguments in, one line out on user errors."""
+"""Shared command-line handling: arguments in, one line out on user errors.
+
+Arguments are parsed and the config loaded and validated before the command's own
+module is imported, so `--help` and every config error answer without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import faulthandler
 import io
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from dtrain.errors import ConfigError, DTrainError
 
@@ -18,9 +22,12 @@ def parse_args(prog: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m {prog}",
         description="Data-parallel training on PyTorch DDP. Launch with torchrun, accelerate, srun or alone.")
-    parser.add_argument("--config", help="YAML file with config values (see configs/)")
+    parser.add_argument("--config", action="append", metavar="FILE.yaml",
+                        help="YAML file with config values (see configs/); given twice, both are merged in "
+                             "order, the later winning. A run's own config.yaml is accepted as it is")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. train.epochs=3 optim.lr=0.1")
+                        help="dotted overrides, applied after the files and in order (a key given twice: the "
+                             "later wins), e.g. train.epochs=3 optim.lr=0.1")
     # Intermixed: `key=value --config FILE key=value` works (sbatch scripts put their own overrides first).
     return parser.parse_intermixed_args(argv)
 
@@ -36,8 +43,9 @@ def _enable_faulthandler() -> None:
         pass  # stderr closed or not a file: there is nowhere to write a stack
 
 
-def run_cli(prog: str, argv: Optional[Sequence[str]], body: Callable[[Any], Any]) -> int:
-    """Load the config and run `body(cfg)`; user errors become one line on stderr."""
+def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
+    """Load the config, then import `body` ('package.module:function') and run it on the config;
+    user errors become one line on stderr."""
     from dtrain.config import load_config
 
     if argv is None:
@@ -47,7 +55,10 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: Callable[[Any], Any]
     args = parse_args(prog, argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        body(cfg)
+        # Imported only now: the training code pulls in torch, which a config error never waits for.
+        module, _, function = body.partition(":")
+        # __import__, not importlib.import_module: the latter bypasses -X importtime's log.
+        getattr(__import__(module, fromlist=[function]), function)(cfg)
     except DTrainError as exc:
         rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
         # A config error is the same on every rank: say it once, not W times.
@@ -58,3 +69,8 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: Callable[[Any], Any]
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def lr_find_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m dtrain.lr_find` and `dtrain-lr-find`: here, so that neither imports torch to parse."""
+    return run_cli("dtrain.lr_find", argv, "dtrain.lr_find:lr_find")

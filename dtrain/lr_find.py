@@ -24,9 +24,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from dtrain.data import Loaders
+from dtrain.cli import lr_find_main
 
-from dtrain.cli import run_cli
+if __name__ == "__main__":
+    # `python -m dtrain.lr_find`: the arguments and config are checked before the imports below
+    # load torch; the test then runs from the module imported by name.
+    sys.exit(lr_find_main())
+
+from dtrain.data import Loaders  # noqa: E402 - after the command-line entry, on purpose
 from dtrain.config import Config, LRFindConfig, SchedConfig, to_yaml
 from dtrain.meters import Meter
 from dtrain.state import TrainState
@@ -267,8 +272,4 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(PROG, argv, lambda cfg: lr_find(cfg))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return lr_find_main(argv)

@@ -232,6 +232,7 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
 
 
 def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Given]) -> RunResult:
+    asked_dir = cfg.output_dir
     with session(cfg, environ, lambda: decide_start(cfg), given=given) as run:
         ds, loop, start = run.ds, run.loop, run.start
         assert start is not None  # decide_start always returns one; for the type checker
@@ -252,8 +253,12 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
             # On rank 0 only, and shared: a config.yaml that cannot be written or a
             # logger that cannot start (no W&B account, say) stops every rank now
             # instead of leaving the others waiting in fit()'s first collective.
-            write_text(os.path.join(out, "config.yaml"), to_yaml(cfg, {"runtime": runtime}))
-            return open_loggers(out, cfg.log, to_dict(cfg, {"runtime": runtime}), resume_step,
+            # The config as asked, not as resolved (here and in W&B): with no output_dir asked for,
+            # feeding this file back (--config <run>/config.yaml) starts a new run instead of
+            # finding this one finished.
+            asked = dataclasses.replace(cfg, output_dir=asked_dir)
+            write_text(os.path.join(out, "config.yaml"), to_yaml(asked, {"runtime": runtime}))
+            return open_loggers(out, cfg.log, to_dict(asked, {"runtime": runtime}), resume_step,
                                 run.resumed["wandb_id"] if run.resumed else None)
 
         opened = ds.run_on_main(start_loggers, share_result=False)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from dtrain.errors import ConfigError, DTrainError
 
 EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
 
 
 def parse_args(prog: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -53,6 +54,7 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
         # keeps its own crash handling.
         _enable_faulthandler()
     args = parse_args(prog, argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         # Imported only now: the training code pulls in torch, which a config error never waits for.
@@ -68,6 +70,11 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - any other failure: what this rank says, once
+        from dtrain.faults import report
+
+        report(exc, prog, cfg.dist.timeout_s if cfg is not None else None)
+        return EXIT_FAILURE
     return 0
 
 

@@ -165,7 +165,12 @@ class DistConfig:
     backend: str = "auto"
     """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
     timeout_s: int = 600
-    """Collective timeout; a hung rank fails the job after this long."""
+    """Step timeout: how long a collective waits for the other ranks once training runs. A rank
+    that stalls or hangs longer fails the job, and the message names the ranks that were behind.
+    Raise it only if a step, an eval or a checkpoint save can really take that long."""
+    start_timeout_s: int = 300
+    """Start-up timeout: how long the ranks wait for each other to arrive (every process started,
+    MASTER_ADDR:MASTER_PORT reachable) before the job fails naming the ranks that did not come."""
 
 
 @dataclass
@@ -411,6 +416,7 @@ def validate(cfg: Config) -> None:
 
     _choice("dist.backend", cfg.dist.backend, BACKENDS)
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "an integer >= 1")
+    _check(cfg.dist.start_timeout_s >= 1, "dist.start_timeout_s", cfg.dist.start_timeout_s, "an integer >= 1")
 
     _check(lg.every_steps >= 1, "log.every_steps", lg.every_steps, "an integer >= 1")
     _choice("log.progress", lg.progress, ("auto", "bar", "lines", "none"))

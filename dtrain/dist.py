@@ -7,6 +7,10 @@ takes as an argument; there is no module-level state to forget to reset.
 from __future__ import annotations
 
 import datetime
+import re
+import socket
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -38,6 +42,8 @@ class DistState:
     device: torch.device
     host_group: Any = None
     """A gloo group for tiny host-side agreements when the main group is NCCL; None: the main group."""
+    watch: Optional["PeerWatch"] = None
+    """Steps and failures shared through the store (None for one process)."""
 
     @property
     def is_main(self) -> bool:
@@ -184,9 +190,146 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+ARRIVED = "dtrain/arrived"
+FAILED = "dtrain/failed"
+
+
+def _rendezvous(launch: LaunchInfo, start_timeout_s: int) -> Any:
+    """A TCPStore on rank 0 that every rank joins, or one line naming who did not come.
+
+    torch's own tcp:// start waits for the store's clients until the collective timeout and then
+    reports only "1/2 clients joined"; here the wait has its own limit (dist.start_timeout_s), and
+    each rank leaves its number in the store, so the message can name the missing ones."""
+    timeout = datetime.timedelta(seconds=start_timeout_s)
+    where = f"{launch.master_addr}:{launch.master_port}"
+    deadline = time.monotonic() + start_timeout_s
+    if launch.rank != 0:
+        # Wait for rank 0's port here: TCPStore's own retries log a C++ stack trace per attempt.
+        while True:
+            try:
+                socket.create_connection((launch.master_addr, int(launch.master_port)), timeout=1).close()
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise DTrainError(f"could not reach rank 0 at MASTER_ADDR:MASTER_PORT {where} within "
+                                      f"dist.start_timeout_s={start_timeout_s} s ({exc.strerror or exc}); is rank 0 "
+                                      "running, and is the address right?") from None
+                time.sleep(0.2)
+    try:
+        store = dist.TCPStore(launch.master_addr, int(launch.master_port), launch.world_size, launch.rank == 0,
+                              timeout=timeout, wait_for_workers=False)
+    except Exception as exc:  # noqa: BLE001 - DistNetworkError, DistStoreError, RuntimeError by version
+        text = " ".join(str(exc).split())
+        if launch.rank == 0 and re.search(r"in use|EADDRINUSE|bind", text, re.IGNORECASE):
+            raise DTrainError(f"rank 0 cannot listen on MASTER_PORT {where}: the port is in use (another job on "
+                              "this node?); choose a free MASTER_PORT") from None
+        raise DTrainError(f"could not reach rank 0 at MASTER_ADDR:MASTER_PORT {where} within "
+                          f"dist.start_timeout_s={start_timeout_s} s ({text[:200]}); is rank 0 running, and is "
+                          "the address right?") from None
+    store.set(f"{ARRIVED}/{launch.rank}", "1")
+    arrived = store.add(ARRIVED, 1)
+    while arrived < launch.world_size:
+        if time.monotonic() > deadline:
+            missing = [r for r in range(launch.world_size) if not store.check([f"{ARRIVED}/{r}"])]
+            raise DTrainError(
+                f"only {launch.world_size - len(missing)} of {launch.world_size} ranks arrived within "
+                f"dist.start_timeout_s={start_timeout_s} s; missing: rank {', '.join(map(str, missing))} "
+                f"(WORLD_SIZE={launch.world_size}: start every rank, or raise dist.start_timeout_s if they start "
+                "late)")
+        time.sleep(0.05)
+        arrived = store.add(ARRIVED, 0)
+    return store
+
+
+class PeerWatch:
+    """Each rank's step and a heartbeat, published to the store every second by a background
+    thread, and a place where the first rank that fails says so.
+
+    It costs the loop nothing (the thread reads a Python int: no device sync, no collective).
+    When a collective fails, the rank that saw it can then say which peers were behind or gone;
+    when a rank fails, the others (stopping on the launcher's SIGTERM) learn at once that no step
+    boundary will come, instead of waiting out checkpoint.stop_grace_s."""
+
+    def __init__(self, store: Any, rank: int, world_size: int, interval_s: float = 1.0) -> None:
+        self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
+        self.step_of: Callable[[], int] = lambda: 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dtrain-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.set(f"dtrain/step/{self.rank}", str(self.step_of()))
+                self.store.add(f"dtrain/beat/{self.rank}", 1)
+            except Exception:  # noqa: BLE001 - the store is gone (rank 0 exited): nothing to publish to
+                return
+            self._stop.wait(self.interval_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _get(self, key: str) -> Optional[str]:
+        try:
+            return self.store.get(key).decode() if self.store.check([key]) else None
+        except Exception:  # noqa: BLE001 - best effort: the store may be what failed
+            return None
+
+    def diagnose(self, timed_out: bool) -> dict[int, str]:
+        """{rank: what is wrong with it} for the peers to blame, found in about two heartbeats.
+
+        After a timeout every rank that waited says so; the ones that did not were not in the
+        collective. A peer whose heartbeat stops is gone (dead, or frozen in native code)."""
+        if timed_out:
+            try:
+                self.store.set(f"dtrain/waited/{self.rank}", "1")
+            except Exception:  # noqa: BLE001
+                pass
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        before = {r: self._get(f"dtrain/beat/{r}") for r in peers}
+        time.sleep(1.6 * self.interval_s)
+        blame: dict[int, str] = {}
+        for r in peers:
+            alive = before[r] is not None and self._get(f"dtrain/beat/{r}") != before[r]
+            step = self._get(f"dtrain/step/{r}")
+            at = f"last heard of at step {step}" if step is not None else "never heard of"
+            if not alive:
+                blame[r] = f"{at}, no heartbeat: died, was killed or is frozen"
+            elif timed_out and self._get(f"dtrain/waited/{r}") is None:
+                blame[r] = f"{at}, alive but not in the collective: stalled in its own work"
+        return blame
+
+    def announce_failure(self, line: str) -> None:
+        try:
+            if not self.store.check([FAILED]):
+                self.store.set(FAILED, line)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def failure(self) -> Optional[str]:
+        return self._get(FAILED)
+
+
+def _describe_failure(exc: BaseException, ds: DistState) -> None:
+    """Before the group goes: tell the other ranks that this one failed or, when a collective
+    failed under it, note on the exception which peers to blame (faults.describe prints them)."""
+    from dtrain import faults
+
+    if ds.watch is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return
+    if faults.is_communication_failure(exc):
+        timed_out = faults.is_timeout(exc)
+        ds.watch.announce_failure(f"rank {ds.rank} " + ("gave up waiting in a collective" if timed_out
+                                                        else "lost contact with a peer"))
+        setattr(exc, faults.BLAME_ATTR, ds.watch.diagnose(timed_out))
+    else:
+        ds.watch.announce_failure(f"rank {ds.rank} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+
+
 @contextmanager
 def distributed(launch: LaunchInfo, backend: str = "auto", device: str = "auto",
-                timeout_s: int = 600) -> Iterator[DistState]:
+                timeout_s: int = 600, start_timeout_s: int = 300) -> Iterator[DistState]:
     """Start the process group for `launch`, yield its DistState, always destroy it."""
     dev = resolve_device(device, launch.local_rank)
     be = resolve_backend(backend, dev)
@@ -204,16 +347,30 @@ def distributed(launch: LaunchInfo, backend: str = "auto", device: str = "auto",
         kwargs["store"] = dist.HashStore()
     elif launch.launcher == "torchrun":
         # env:// lets torchrun hand over its own store (TORCHELASTIC_USE_AGENT_STORE)
-        # instead of rank 0 binding MASTER_PORT a second time.
+        # instead of rank 0 binding MASTER_PORT a second time; torchrun's rendezvous already
+        # waited for every rank.
         kwargs["init_method"] = "env://"
     else:
-        host = f"[{launch.master_addr}]" if ":" in launch.master_addr else launch.master_addr
-        kwargs["init_method"] = f"tcp://{host}:{launch.master_port}"
+        kwargs["store"] = _rendezvous(launch, start_timeout_s)
     dist.init_process_group(**kwargs)
+    watch: Optional[PeerWatch] = None
+    ds: Optional[DistState] = None
     try:
         host_group = dist.new_group(backend="gloo") if be != "gloo" and launch.world_size > 1 else None
-        yield DistState(launch.launcher, launch.rank, launch.local_rank, launch.world_size, be, dev, host_group)
+        if launch.world_size > 1:
+            try:
+                watch = PeerWatch(dist.distributed_c10d._get_default_store(), launch.rank, launch.world_size)
+            except Exception:  # noqa: BLE001 - a private torch API: without it, messages name fewer ranks
+                watch = None
+        ds = DistState(launch.launcher, launch.rank, launch.local_rank, launch.world_size, be, dev, host_group,
+                       watch)
+        yield ds
+    except BaseException as exc:
+        if ds is not None:
+            _describe_failure(exc, ds)
+        raise
     finally:
+        if watch is not None:
+            watch.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-

@@ -10,6 +10,8 @@ the batch shell that forwards it.
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import sys
 import threading
@@ -20,6 +22,10 @@ from typing import Any, Optional, Sequence
 
 TERMINATING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 REPEAT_MEANS_NOW_S = 3.0
+BLOCKED_S = 5.0
+"""How long after a SIGTERM the main thread may stay inside native code without running Python
+(a collective waiting for a stalled peer, which holds off every Python signal handler until it
+returns or times out) before this rank exits without a checkpoint."""
 
 
 class StopSignals:
@@ -30,45 +36,101 @@ class StopSignals:
     rank that has not reached one `grace_s` after a SIGTERM stops
     without saving (a SIGINT to the main thread, whose KeyboardInterrupt closes
     the loggers on the way out), before the launcher's own SIGKILL (torchrun and
-    Slurm wait about 30 s).
+    Slurm wait about 30 s); it stops at once when `peers` says another rank failed.
+
+    A Python handler only runs when the main thread runs Python, which it does not while it
+    waits in a collective. So a monitor thread also watches the signals (through the wakeup fd
+    that CPython writes each signal number to), and a rank whose main thread has not seen a
+    SIGTERM BLOCKED_S after it arrived exits from there, in one line.
     """
 
-    def __init__(self, names: Sequence[str], grace_s: float = 20.0) -> None:
+    def __init__(self, names: Sequence[str], grace_s: float = 20.0, peers: Any = None) -> None:
         self.names = tuple(names)
         self.grace_s = grace_s
+        self.peers = peers
+        """dist.PeerWatch (failure(), announce_failure(line)), or None for one process."""
         self.received: Optional[str] = None
         self._previous: dict[int, Any] = {}
-        self._timer: Optional[threading.Timer] = None
         self._giving_up = False
         self._first_at = 0.0
+        self._acknowledged = False
+        self._term: Optional[tuple[int, float]] = None
+        self._done = threading.Event()
+        self._monitor: Optional[threading.Thread] = None
+        self._pipe: Optional[tuple[int, int]] = None
+        self._old_wakeup = -1
 
     def acknowledge(self) -> None:
         """The ranks met at a step boundary and agreed to save: no deadline any more."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._acknowledged = True
 
-    def _give_up(self) -> None:
+    def _give_up(self, why: str) -> None:
         self._giving_up = True
-        print(f"dtrain: no step boundary reached within {self.grace_s:g} s of {self.received} (is a peer gone?); "
-              "stopping without a checkpoint", file=sys.stderr, flush=True)
+        print(f"dtrain: {why}; stopping without a checkpoint", file=sys.stderr, flush=True)
         # A real SIGINT to the main thread: it also wakes a sleep or a blocking read there, which
         # _thread.interrupt_main() would not. Its default handler raises KeyboardInterrupt.
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
 
     def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
-            for name in self.names:
-                signum = getattr(signal, name)
-                self._previous[signum] = signal.signal(signum, self._handle)
+        if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+            return self
+        for name in self.names:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handle)
+        if any(getattr(signal, n) in TERMINATING for n in self.names):
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._pipe = (r, w)
+            self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._monitor = threading.Thread(target=self._watch, args=(r,), name="dtrain-stop-signals", daemon=True)
+            self._monitor.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.acknowledge()
+        if self._monitor is not None:
+            self._done.set()
+            self._monitor.join(timeout=5)
+            signal.set_wakeup_fd(self._old_wakeup)
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
         for signum, previous in self._previous.items():
             # None: a handler set outside Python; the default is the closest we can restore.
             signal.signal(signum, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
+
+    def _watch(self, fd: int) -> None:
+        terminating = {int(getattr(signal, n)) for n in self.names if getattr(signal, n) in TERMINATING}
+        while not self._done.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.25)
+            if ready:
+                try:
+                    data = os.read(fd, 64)
+                except OSError:
+                    return
+                for signum in data:
+                    if signum in terminating and self._term is None:
+                        self._term = (signum, time.monotonic())
+            if self._term is None or self._acknowledged or self._giving_up:
+                continue
+            signum, at = self._term
+            name = signal.Signals(signum).name
+            waited = time.monotonic() - at
+            if self.received is None and waited > BLOCKED_S:
+                line = (f"{name} arrived {BLOCKED_S:g} s ago while this rank waited inside a collective or other "
+                        "native call (a stalled or dead peer?) that has not returned")
+                if self.peers is not None:
+                    self.peers.announce_failure(f"a rank exited on {name} while blocked")
+                who = f" rank {self.peers.rank}:" if self.peers is not None else ""
+                print(f"dtrain:{who} {line}; exiting without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            failure = self.peers.failure() if self.peers is not None else None
+            if failure is not None:
+                self._give_up(f"{failure}, so no step boundary will come")
+            elif waited > self.grace_s:
+                self._give_up(f"no step boundary reached within {self.grace_s:g} s of {name} (is a peer gone?)")
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
@@ -85,10 +147,6 @@ class StopSignals:
             self._first_at = time.monotonic()
             print(f"dtrain: received {name}; saving a checkpoint at the next step boundary, then stopping",
                   file=sys.stderr, flush=True)
-            if signum in TERMINATING:
-                # SIGTERM is the launcher's last word (SIGKILL follows in about 30 s), and what
-                # torchrun sends when a peer died: do not wait for a boundary that may never come.
-                # USR1/USR2 are advance notice (Slurm's --signal=USR1@120): no deadline here.
-                self._timer = threading.Timer(self.grace_s, self._give_up)
-                self._timer.daemon = True
-                self._timer.start()
+            # SIGTERM is the launcher's last word (SIGKILL follows in about 30 s), and what torchrun
+            # sends when a peer died: the monitor thread gives up if no boundary comes in grace_s.
+            # USR1/USR2 are advance notice (Slurm's --signal=USR1@120): no deadline for them.

@@ -27,6 +27,7 @@ from dtrain.precision import build_precision, check_precision
 from dtrain.meters import Meter
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
+from dtrain.faults import STEP_ATTR
 from dtrain.resume import Saver, Start, decide_start, global_batch, print_main, requeue_slurm_job, restore
 from dtrain.seeding import rank_seed, seed_everything
 from dtrain.state import TrainState
@@ -160,7 +161,7 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
     backend = resolve_backend(cfg.dist.backend, device)
     check_precision(cfg.train.precision, device)
 
-    with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s) as ds:
+    with distributed(launch, backend, cfg.train.device, cfg.dist.timeout_s, cfg.dist.start_timeout_s) as ds:
         start: Optional[Start] = ds.run_on_main(prepare)
         if start is not None:
             cfg = dataclasses.replace(cfg, output_dir=start.output_dir)
@@ -186,6 +187,8 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
         per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
         total = total_steps or plan_for(cfg).total_steps(per_epoch)
         loop = wrap(cfg, ds, parts, total)
+        if ds.watch is not None:
+            ds.watch.step_of = lambda: loop.step  # published for the other ranks' error messages
         meter = Meter(ds.device)
         resumed = None
         if start is not None and start.checkpoint is not None:
@@ -273,9 +276,13 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
             say(f"dtrain: resuming from {run.resumed['path']} (step {resume_step}, "
                            f"epoch {loop.epoch + 1}, step {loop.window_in_epoch} of the epoch)")
         try:
-            with logger, StopSignals(cfg.checkpoint.signals, cfg.checkpoint.stop_grace_s) as signals:
+            with logger, StopSignals(cfg.checkpoint.signals, cfg.checkpoint.stop_grace_s, ds.watch) as signals:
                 saver = Saver(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
-                outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter)
+                try:
+                    outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter)
+                except Exception as exc:
+                    setattr(exc, STEP_ATTR, loop.step + 1)  # for the one line that says what failed where
+                    raise
                 if outcome.stopped_by is None:
                     saver.save(loop, run.meter)  # the end: the final state, so that a rerun knows it is done
         finally:

@@ -1,0 +1,93 @@
+"""What a rank says when the run fails under it: one line, naming the rank, the step and why.
+
+A rank that loses a peer (killed, crashed, stalled past `dist.timeout_s`) gets a gloo or NCCL
+exception with a C++ source path and advice meant for PyTorch developers; printed raw on every
+survivor it buries the one message that matters, the failing rank's own. So a communication
+failure is one line here, and the failing rank's error (a user's exception, say) keeps its
+traceback, followed by one summary line. Under torchrun that line also goes into the
+rank's error file, so torchrun's closing report ends with it instead of "To enable traceback see".
+Imported only once the training code runs: it may import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from typing import Optional
+
+STEP_ATTR = "dtrain_step"
+"""Set on an exception by the training loop: the optimizer step that was being computed."""
+BLAME_ATTR = "dtrain_blame"
+"""Set on a communication failure by dist: {rank: what is wrong with it} for the peers to blame."""
+
+_COMM_PATTERNS = re.compile(
+    r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|processgroup|c10d|"
+    r"socket|peer", re.IGNORECASE)
+
+
+def is_communication_failure(exc: BaseException) -> bool:
+    """A collective or store that failed because of another rank, not this rank's own fault."""
+    try:
+        import torch.distributed as dist
+
+        if isinstance(exc, getattr(dist, "DistError", ())):
+            return True
+    except ImportError:  # pragma: no cover - torch is always there once training runs
+        pass
+    return type(exc) is RuntimeError and bool(_COMM_PATTERNS.search(str(exc)))
+
+
+def _gist(exc: BaseException) -> str:
+    """The library's message without its source path, advice and blank lines: one short clause."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\[[^\]]*\.(cpp|cc|hpp|h):\d+\]\s*", "", text)  # [/path/pair.cc:545]
+    text = re.split(r"\. (This is typically|Check the logs|GLHF)", text)[0]
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return bool(re.search(r"timed out|timeout", str(exc), re.IGNORECASE))
+
+
+def describe(exc: BaseException, rank: str, timeout_s: Optional[int] = None) -> str:
+    step = getattr(exc, STEP_ATTR, None)
+    where = f" in step {step}" if step is not None else ""
+    if is_communication_failure(exc):
+        blame = getattr(exc, BLAME_ATTR, None) or {}
+        who = "; ".join(f"rank {r}: {why}" for r, why in sorted(blame.items()))
+        if is_timeout(exc):
+            limit = f"dist.timeout_s={timeout_s} s" if timeout_s else "dist.timeout_s"
+            return (f"rank {rank}{where}: a collective waited {limit} for the other ranks "
+                    f"({who or 'another rank did not come'}) [{_gist(exc)}]; its own output says where it "
+                    "was; a larger dist.timeout_s helps only if its steps are really that slow")
+        return (f"rank {rank}{where}: lost contact with the other ranks ({who or 'another rank is gone'}) "
+                f"[{_gist(exc)}]; the failed rank's own message, or the launcher's report, says why")
+    message = " ".join(str(exc).split())
+    return f"rank {rank}{where} failed: {type(exc).__name__}: {message}"[:1000]
+
+
+def report(exc: BaseException, prog: str, timeout_s: Optional[int] = None) -> None:
+    """Print what failed on this rank: a communication failure in one line, anything else with its
+    traceback and then one line; record that line for torchrun's report."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    line = describe(exc, rank, timeout_s)
+    comm = is_communication_failure(exc)
+    if not comm:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # torchrun names as the root cause the error file with the earliest timestamp; a rank that
+        # only lost a peer must not outrank the one that failed, so its time is pushed back.
+        stamp = int(time.time()) + (2 if comm else 0)
+        data = {"message": {"message": line, "extraInfo": {"py_callstack": f"{prog}: error: {line}",
+                                                            "timestamp": str(stamp)}}}
+        try:
+            with open(error_file, "w") as fh:
+                json.dump(data, fh)
+        except OSError:
+            pass  # the report then lacks our line; the line above is in the log

@@ -1,0 +1,156 @@
+"""Faults end the job in seconds with one line per rank that names the rank, the step and why.
+
+Real 2-rank jobs: a rank killed with SIGKILL, a rank that raises, a rank that stalls past
+dist.timeout_s, a SIGTERM while a rank waits in a collective for a stalled peer, a peer that
+never starts, a port already taken. The expectations are written here: which rank, which step
+(the worker model acts at a known forward call), and how long the job may take.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dtrain.faults import describe
+from helpers import REPO, child_env, dtrain, free_port
+
+pytestmark = pytest.mark.multiproc
+
+# 2 ranks x 128 samples in batches of 16: 8 steps an epoch; the worker acts on its 3rd training forward.
+ARGS = ["data.name=synthetic", "data.train_size=256", "data.batch_size=16", "train.epochs=2", "log.progress=none",
+        "model.name=tests.workers.stalling_model:build"]
+
+
+def _dtrain_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("dtrain: error")]
+
+
+def _report_root_cause(stderr: str) -> str:
+    """The `traceback :` line of torchrun's "Root Cause" section: the last thing its report says."""
+    tail = stderr[stderr.rindex("Root Cause"):]
+    return [ln for ln in tail.splitlines() if ln.strip().startswith("traceback :")][0]
+
+
+def test_a_killed_rank_ends_the_job_and_the_survivor_says_so_in_one_line(tmp_path: Path) -> None:
+    started = time.monotonic()
+    res = dtrain(2, [*ARGS, f"output_dir={tmp_path}/run"], env={"DTRAIN_TEST_DIE": "1"}, check=False, timeout=120)
+    took = time.monotonic() - started
+    assert res.returncode != 0
+    (line,) = _dtrain_lines(res.stderr)
+    assert line.startswith("dtrain: error: rank 0 in step 3: lost contact with the other ranks (rank 1:"), line
+    assert "no heartbeat" in line and "[rank0]" not in res.stderr and "pair.cc" not in line
+    assert "Signal 9 (SIGKILL)" in _report_root_cause(res.stderr)  # torchrun's report ends naming rank 1's death
+    print(f"kill -9 of rank 1: job over {took:.1f} s after launch")
+
+
+def test_a_rank_that_raises_keeps_its_traceback_and_the_report_ends_with_dtrains_line(tmp_path: Path) -> None:
+    res = dtrain(2, ["data.name=synthetic", "data.train_size=256", "data.batch_size=16", "log.progress=none",
+                     "model.name=tests.workers.failing_model:build", f"output_dir={tmp_path}/run"],
+                 env={"DTRAIN_TEST_FAIL_RANK": "1", "DTRAIN_TEST_FAIL_AT_FORWARD": "4"}, check=False, timeout=120)
+    assert res.returncode != 0
+    failed = "dtrain: error: rank 1 in step 4 failed: RuntimeError: failing_model: deliberate failure on forward call 4"
+    assert failed in _dtrain_lines(res.stderr), res.stderr
+    assert failed in _report_root_cause(res.stderr)  # the last line a user reads
+    # The user's bug keeps its traceback (once); the survivor prints one line and no gloo traceback.
+    assert res.stderr.count("raise RuntimeError(f\"failing_model") == 1
+    survivor = [ln for ln in _dtrain_lines(res.stderr) if "rank 0" in ln]
+    assert len(survivor) <= 1 and "[rank0]: Traceback" not in res.stderr
+
+
+def test_a_stalled_rank_is_named_after_dist_timeout_s(tmp_path: Path) -> None:
+    started = time.monotonic()
+    res = dtrain(2, [*ARGS, "dist.timeout_s=4", f"output_dir={tmp_path}/run"], env={"DTRAIN_TEST_STALL_S": "60"},
+                 check=False, timeout=120)
+    took = time.monotonic() - started
+    assert res.returncode != 0
+    (line,) = [ln for ln in _dtrain_lines(res.stderr) if "rank 0" in ln]
+    assert line.startswith("dtrain: error: rank 0 in step 3: a collective waited dist.timeout_s=4 s"), line
+    assert "rank 1: last heard of at step 2, alive but not in the collective" in line
+    # Rank 1, still asleep when torchrun stops it, learns from the store that no boundary will come
+    # and does not wait out checkpoint.stop_grace_s (20 s).
+    assert "rank 0 gave up waiting in a collective, so no step boundary will come" in res.stderr
+    assert took < 45, f"{took:.0f} s: the stalled rank waited for its grace period"
+    print(f"stall past dist.timeout_s=4: job over {took:.1f} s after launch")
+
+
+def test_sigterm_while_waiting_in_a_collective_for_a_stalled_peer_ends_the_job_in_seconds(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtrain", *ARGS,
+           "dist.timeout_s=300", f"output_dir={tmp_path}/run"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env({"DTRAIN_TEST_STALL_S": "120", "DTRAIN_TEST_PID_DIR": str(pids)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # Rank 1 sleeps in its 3rd forward; rank 0 is then inside the step's all-reduce. Wait for that.
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        end = time.monotonic() + 90
+        while not (pids / "pid_rank0.txt").exists() or not metrics.exists():
+            assert time.monotonic() < end and proc.poll() is None, "the job did not start"
+            time.sleep(0.1)
+        time.sleep(3)
+        sent = time.monotonic()
+        os.kill(int((pids / "pid_rank0.txt").read_text()), signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "dtrain: rank 0: SIGTERM arrived 5 s ago while this rank waited inside a collective" in err, err
+    assert took < 15, f"{took:.1f} s from SIGTERM to the end of the job"
+    print(f"SIGTERM to a rank blocked in a collective: job over {took:.1f} s later")
+
+
+def _by_hand(rank: int, port: int, out: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    env = child_env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    return subprocess.run([sys.executable, "-m", "dtrain", "data.name=synthetic", f"output_dir={out}", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_peer_that_never_comes_is_named_after_dist_start_timeout_s(tmp_path: Path) -> None:
+    started = time.monotonic()
+    res = _by_hand(0, free_port(), tmp_path / "run", ["dist.start_timeout_s=2"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("dtrain: error: only 1 of 2 ranks arrived within dist.start_timeout_s=2 s; missing: "
+                                  "rank 1 (WORLD_SIZE=2: start every rank, or raise dist.start_timeout_s if they start "
+                                  "late)")
+    assert time.monotonic() - started < 30
+
+
+def test_a_rank_that_cannot_reach_rank_0_says_where_it_looked(tmp_path: Path) -> None:
+    port = free_port()
+    res = _by_hand(1, port, tmp_path / "run", ["dist.start_timeout_s=2"])
+    assert res.returncode == 2
+    (line,) = res.stderr.strip().splitlines()  # no C++ retry logs
+    assert line.startswith(f"dtrain: error (rank 1): could not reach rank 0 at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} "
+                           "within dist.start_timeout_s=2 s"), line
+
+
+def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = _by_hand(0, port, tmp_path / "run", ["dist.start_timeout_s=2"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"dtrain: error: rank 0 cannot listen on MASTER_PORT 127.0.0.1:"
+                                  f"{port}: the port is in use (another job on this node?); choose a "
+                                  "free MASTER_PORT")
+
+
+def test_describe_names_step_and_peers_without_library_boilerplate() -> None:
+    exc = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                       "[127.0.0.1]:54450. This is typically caused by a remote worker crashing. GLHF!")
+    exc.dtrain_step = 7  # type: ignore[attr-defined]
+    exc.dtrain_blame = {3: "last heard of at step 6, no heartbeat: died"}  # type: ignore[attr-defined]
+    assert describe(exc, "0") == ("rank 0 in step 7: lost contact with the other ranks (rank 3: last heard of at step "
+                                  "6, no heartbeat: died) [Connection closed by peer [127.0.0.1]:54450]; the failed "
+                                  "rank's own message, or the launcher's report, says why")
+    assert describe(ValueError("bad\nvalue"), "2") == "rank 2 failed: ValueError: bad value"

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from dtrain.errors import ConfigError, DTrainError
+from dtrain.errors import SAID_BY_RANK_0, ConfigError, DTrainError
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -64,7 +64,7 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
     except DTrainError as exc:
         rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
         # A config error is the same on every rank: say it once, not W times.
-        if rank == "0" or not isinstance(exc, ConfigError):
+        if rank == "0" or not (isinstance(exc, ConfigError) or getattr(exc, SAID_BY_RANK_0, False)):
             prefix = f"{prog}: error" if rank == "0" else f"{prog}: error (rank {rank})"
             print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

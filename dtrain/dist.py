@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401  (imported for the side effect above)
 
 from dtrain.env import LaunchInfo
-from dtrain.errors import DTrainError
+from dtrain.errors import SAID_BY_RANK_0, DTrainError
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,9 @@ class DistState:
         reports: list[Optional[str]] = [None] * self.world_size
         dist.all_gather_object(reports, mine)
         if error is not None:
+            if self.rank != 0 and all(r == mine for r in reports):
+                # Every rank failed alike (a missing dataset, say): rank 0's line says it for all.
+                setattr(error, SAID_BY_RANK_0, True)
             raise error
         failed = [(r, m) for r, m in enumerate(reports) if m is not None]
         if failed:

@@ -16,3 +16,7 @@ class ConfigError(DTrainError):
     def __init__(self, key: str, value: object, allowed: str, message: str = "") -> None:
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(message or f"config key '{key}' has value {value!r}; allowed: {allowed}")
+
+
+SAID_BY_RANK_0 = "dtrain_said_by_rank_0"
+"""Set (by dist.check_all) on an error that every rank raised alike, so that only rank 0 prints it."""

@@ -154,3 +154,12 @@ def test_describe_names_step_and_peers_without_library_boilerplate() -> None:
                                   "6, no heartbeat: died) [Connection closed by peer [127.0.0.1]:54450]; the failed "
                                   "rank's own message, or the launcher's report, says why")
     assert describe(ValueError("bad\nvalue"), "2") == "rank 2 failed: ValueError: bad value"
+
+
+def test_an_error_every_rank_sees_is_printed_once(tmp_path: Path) -> None:
+    res = dtrain(2, ["data.name=synthetic", "model.name=tests.workers.nothere:build", f"output_dir={tmp_path}/run"],
+                 check=False, timeout=120)
+    assert res.returncode != 0
+    assert _dtrain_lines(res.stderr) == ["dtrain: error: config key 'model.name' has value "
+                                         "'tests.workers.nothere:build'; cannot import 'tests.workers.nothere': "
+                                         "No module named 'tests.workers.nothere'"], res.stderr

@@ -23,6 +23,7 @@ DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ON_NONFINITE = ("stop", "skip", "ignore")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
 CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGXCPU")
@@ -157,6 +158,16 @@ class TrainConfig:
     """auto (cuda when available) | cpu | cuda."""
     save_model: bool = True
     """Rank 0 writes the trained weights (the unwrapped model's state_dict) to <output_dir>/model.pt."""
+    on_nonfinite: str = "stop"
+    """What a non-finite loss (any rank) or global gradient does. stop: every rank stops at the next logging
+    step or checkpoint with one line naming the first non-finite step, exit 2, writing no weights (the last
+    checkpoint stays). skip: the optimizer step is undone on the device (parameters and optimizer state as
+    before; the schedule still advances), decided on the all-reduced gradient so every rank skips alike; the
+    count is logged as skipped_steps. ignore: train on. Checked without a per-step host sync, at logging steps,
+    before checkpoints and at the end; with fp16 only the loss is checked (GradScaler skips gradient overflows)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: stop (as stop does, with the weights of before the skips) once this many steps
+    in a row were skipped."""
 
 
 @dataclass
@@ -379,6 +390,8 @@ def validate(cfg: Config) -> None:
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip,
            "a number > 0, or null for no clipping")
     _choice("train.device", t.device, DEVICES)
+    _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
+    _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, "an integer >= 1")
 
     _choice("dist.backend", cfg.dist.backend, BACKENDS)
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "an integer >= 1")

@@ -25,6 +25,7 @@ from dtrain.models import build_model, from_factory, prepare_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision, check_precision
 from dtrain.meters import Meter
+from dtrain.nonfinite import NonFiniteGuard
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
 from dtrain.resume import Saver, Start, decide_start, global_batch, print_main, requeue_slurm_job, restore
@@ -259,7 +260,10 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
         try:
             with logger, StopSignals(cfg.checkpoint.signals, cfg.checkpoint.stop_grace_s) as signals:
                 saver = Saver(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
-                outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter)
+                guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, ds.device,
+                                       check_grads=loop.precision.scaler is None)
+                outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter,
+                              guard)
                 if outcome.stopped_by is None:
                     saver.save(loop, run.meter)  # the end: the final state, so that a rerun knows it is done
         finally:

@@ -87,15 +87,27 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
     state.model.train()
     watch = guard if guard is not None and guard.active else None
 
-    def checked(skipped: int, error: Optional[Exception]) -> Optional[Exception]:
+    def alarms() -> torch.Tensor:
+        """[non-finite steps on this rank, 1 if rank 0's logger could not write]: summed at every check."""
+        bad = watch.pending() if watch is not None else torch.zeros(1, dtype=torch.float64, device=state.dist.device)
+        return torch.cat([bad, torch.full_like(bad, 1.0 if logger.failure is not None else 0.0)])
+
+    def settle(bad: float, failed: float) -> Optional[Exception]:
+        """Every rank, with the same sums: the error that ends the run here, if any."""
+        if failed:
+            agreement.settle()
+            state.dist.run_on_main(logger.raise_failure)  # rank 0's one line reaches every rank
+        if watch is None:
+            return None
+        skipped, error = watch.settle(bad, state.dist, state.step)
         state.skipped_steps += skipped
         return error
 
     def log_window() -> None:
         extra = grad_norm.reshape(1) if grad_norm is not None else None
-        # The one collective, and the one host sync: the guard's flags ride along.
-        vals = meter.take(0, state.dist, extra, watch.pending() if watch is not None else None)
-        error = checked(*watch.settle(vals.pop(2), state.dist, state.step)) if watch is not None else None
+        # The one collective, and the one host sync: the checks' flags ride along.
+        vals = meter.take(0, state.dist, extra, alarms())
+        error = settle(vals.pop(2), vals.pop(2))
         elapsed = max(time.perf_counter() - timer.start, 1e-12)
         loss = vals[0] / vals[1] if vals[1] else math.nan  # every step of the window skipped
         values: dict[str, float] = {"loss": loss, "samples": int(vals[1]), "lr": lr}
@@ -119,12 +131,13 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             watch.last_finite = (state.step, loss)
 
     def check_now() -> None:
-        """Before a checkpoint and at the end: no non-finite weights may be saved."""
-        if watch is not None:
-            error = checked(*watch.check(state.dist, state.step))
-            if error is not None:
-                agreement.settle()
-                raise error
+        """Before a checkpoint and at the end (one tiny collective): no non-finite weights may be saved, and
+        a log that could not be written stops every rank."""
+        bad, failed = state.dist.all_reduce_sum(alarms()).tolist()
+        error = settle(bad, failed)
+        if error is not None:
+            agreement.settle()
+            raise error
 
     def done(epochs_completed: int) -> bool:
         return epochs_completed >= plan.epochs or (plan.max_steps is not None and state.step >= plan.max_steps)

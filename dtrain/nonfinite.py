@@ -101,10 +101,6 @@ class NonFiniteGuard:
             return "no finite train loss was logged before"
         return f"the last finite train loss logged was {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
 
-    def check(self, ds: DistState, step: int) -> tuple[int, Optional[NonFiniteError]]:
-        """A check with its own (tiny) collective: before a checkpoint, and at the end of training."""
-        return self.settle(float(ds.all_reduce_sum(self.pending().clone()).item()), ds, step)
-
     @contextmanager
     def undo_unless(self, ok: Optional[torch.Tensor], optimizer: torch.optim.Optimizer) -> Iterator[None]:
         """Around the optimizer step: where `ok` is false, put parameters and optimizer state back.

@@ -24,11 +24,12 @@ from dtrain.loggers import MultiLogger, null_logger, open_loggers
 from dtrain.models import build_model, from_factory, prepare_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision, check_precision
+from dtrain.preflight import check_first_batch
 from dtrain.meters import Meter
 from dtrain.nonfinite import NonFiniteGuard
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
-from dtrain.resume import Saver, Start, decide_start, global_batch, print_main, requeue_slurm_job, restore
+from dtrain.resume import Saver, Start, claim, decide_start, global_batch, print_main, requeue_slurm_job, restore
 from dtrain.seeding import rank_seed, seed_everything
 from dtrain.state import TrainState
 from dtrain.task import Task, build_task
@@ -120,6 +121,12 @@ def _model(cfg: Config, given: Given, data: Datasets) -> torch.nn.Module:
                         data.num_classes)
 
 
+def _model_label(cfg: Config, given: Given) -> str:
+    if given.model is None:
+        return f"model.name={cfg.model.name}"
+    return f"dtrain.train(model={getattr(given.model, '__name__', type(given.model).__name__)})"
+
+
 def build_task_for(cfg: Config, given: Given) -> Task:
     metrics = [(None, m) for m in cfg.loss.metrics] + list(given.metrics)
     return build_task(given.loss if given.loss is not None else cfg.loss.name, metrics,
@@ -152,7 +159,7 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
     destroyed.
 
     `prepare` runs on rank 0 and may return a Start: where the run writes and which checkpoint it continues
-    from. `total_steps` overrides the plan's step count (the LR finder's own length).
+    from; it is carried out (`resume.claim`) once every rank has built its data, model and optimizer. `total_steps` overrides the plan's step count (the LR finder's own length).
     """
     given = given or Given()
     launch = detect_launch(os.environ if environ is None else environ)
@@ -179,9 +186,13 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
             data = describe(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
             loaders = build_loaders(data, cfg.data, cfg.train.seed, ds, tuple(cfg.checkpoint.signals))
             parts = build_parts(cfg, ds, _model(cfg, given, data))
+            check_first_batch(parts.model, task, data, ds.device, _model_label(cfg, given), cfg.data.batch_size)
         except Exception as exc:
             error = exc
         ds.check_all(error, "during set-up")
+        if start is not None:
+            # Only now that everything that can fail in set-up has worked: replace an earlier run, mark the dir.
+            ds.run_on_main(lambda: claim(start), share_result=False)
         # From here on, randomness (dropout, say) differs between ranks, reproducibly.
         seed_everything(rank_seed(cfg.train.seed, ds.rank, ds.world_size))
         per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)

@@ -54,10 +54,6 @@ def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("dtrain: error")]
-
-
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_stop_names_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -66,14 +62,14 @@ def test_stop_names_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(
     res = dtrain(2, _args(out, "stop", "log.every_steps=4", "checkpoint.every_steps=3"),
                  env={nan_model.NAN_AT_ENV: str(NAN_STEP), nan_model.NAN_RANK_ENV: "1"}, check=False)
     assert res.returncode != 0
-    lines = _error_lines(res.stderr)
-    # one line per rank, each naming the same first step, seen at the same check
-    assert len(lines) == 2 and lines[0].startswith("dtrain: error") and "(rank 1)" in "".join(lines), res.stderr
-    for line in lines:
-        assert f"not finite since step {NAN_STEP} " in line and "check of step 6" in line, line
     logged = records(out, "train")
     assert [r["step"] for r in logged] == [4] and math.isfinite(logged[0]["loss"])
-    assert f"{logged[0]['loss']:.6g} at step 4" in lines[0]
+    # one line per rank (they share stderr, so they may run together), each naming the first step
+    message = (f"the loss or gradient is not finite since step {NAN_STEP} (seen at the check of step 6); the last "
+               f"finite train loss logged was {logged[0]['loss']:.6g} at step 4; stopped without writing weights "
+               "or a checkpoint (train.on_nonfinite=stop)")
+    assert res.stderr.count("dtrain: error") == 2, res.stderr
+    assert f"dtrain: error: {message}" in res.stderr and f"dtrain: error (rank 1): {message}" in res.stderr, res.stderr
     assert not (out / "model.pt").exists()
     assert not (out / "checkpoints" / "finished.json").exists()
     (kept,) = checkpoint.committed(str(out))
@@ -138,3 +134,43 @@ def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path: Path, monkeypatch
     assert str(info.value).endswith("(train.max_skipped_steps=3)")
     assert not (out / "model.pt").exists() and not checkpoint.committed(str(out))
     assert [(r["step"], r["skipped_steps"], r["samples"]) for r in records(out, "train")] == [(4, 3, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_watching_costs_no_host_sync_per_step(mode: str) -> None:
+    """CUDA's sync debug mode warns on every device-to-host sync: none inside train_step with a guard."""
+    import warnings
+
+    from dtrain.data import build_datasets, build_loaders
+    from dtrain.dist import distributed
+    from dtrain.env import LaunchInfo
+    from dtrain.meters import Meter
+    from dtrain.models import build_model
+    from dtrain.nonfinite import NonFiniteGuard
+    from dtrain.run import build_loop
+    from dtrain.step import epoch_windows, train_step
+    from dtrain.task import build_task
+
+    cfg = load_config(None, ["data.name=synthetic", "train.grad_accum_steps=2"])
+    with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
+        data = build_datasets(cfg.data, 0)
+        loaders = build_loaders(data, cfg.data, 0, ds)
+        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
+        loaders.train_sampler.set_epoch(0)
+        windows = list(epoch_windows(loaders.train, loaders.train_shard, 2))
+        meter, guard = Meter(ds.device), NonFiniteGuard(mode, 10, ds.device)
+        task = build_task("cross_entropy", [], "input", "target")
+        train_step(loop, task, windows[0], meter, guard)  # first step: optimizer state is created
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for window in windows[1:6]:
+                    train_step(loop, task, window, meter, guard)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]

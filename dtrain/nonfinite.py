@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from dtrain.dist import DistState
 from dtrain.errors import DTrainError
@@ -80,7 +81,7 @@ class NonFiniteGuard:
         # Rare (something already went wrong): one more collective for the earliest step and longest run.
         both = torch.stack([-torch.where(self._first > 0, self._first, float("inf")), self._longest])
         if ds.world_size > 1:
-            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
         first, longest = int(-both[0].item()), int(both[1].item())
         self._bad.zero_()
         self._first.zero_()

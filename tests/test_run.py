@@ -27,7 +27,8 @@ def test_default_job_with_four_processes_and_no_arguments(tmp_path: Path) -> Non
                "-m", "dtrain"], cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=240)
     assert res.returncode == 0, res.stderr
     (out,) = (tmp_path / "runs").iterdir()  # a new runs/<date>-<time>
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".dtrain-run", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model.pt"]
     runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
     assert runtime == {"launcher": "torchrun", "precision": "fp32", "device": "cpu", "backend": "gloo",
                        "world_size": 4, "per_process_batch": 32, "grad_accum_steps": 1, "global_batch": 128}

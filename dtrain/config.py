@@ -159,12 +159,14 @@ class TrainConfig:
     save_model: bool = True
     """Rank 0 writes the trained weights (the unwrapped model's state_dict) to <output_dir>/model.pt."""
     on_nonfinite: str = "stop"
-    """What a non-finite loss (any rank) or global gradient does. stop: every rank stops at the next logging
-    step or checkpoint with one line naming the first non-finite step, exit 2, writing no weights (the last
-    checkpoint stays). skip: the optimizer step is undone on the device (parameters and optimizer state as
-    before; the schedule still advances), decided on the all-reduced gradient so every rank skips alike; the
-    count is logged as skipped_steps. ignore: train on. Checked without a per-step host sync, at logging steps,
-    before checkpoints and at the end; with fp16 only the loss is checked (GradScaler skips gradient overflows)."""
+    """What a non-finite loss or gradient does. stop: every rank stops at the next logging step or checkpoint
+    with one line naming the first non-finite step, exit 2, writing no weights (the last checkpoint stays);
+    it watches each rank's loss (and the gradient norm when train.grad_clip computes one), so a gradient that
+    goes bad under a finite loss is named at the next step, whose loss its update poisoned. skip: a step whose
+    all-reduced gradient (the same on every rank) is not finite is undone on the device: parameters and
+    optimizer state as before, the schedule still advances; counted in skipped_steps. ignore: train on.
+    Flags stay on the device until a check (logging steps, checkpoints, the end): no per-step host sync.
+    With fp16 only the loss is watched (GradScaler skips gradient overflows)."""
     max_skipped_steps: int = 10
     """With on_nonfinite=skip: stop (as stop does, with the weights of before the skips) once this many steps
     in a row were skipped."""

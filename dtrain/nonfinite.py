@@ -12,6 +12,7 @@ on every rank, so every rank skips the same steps without asking the others.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -35,11 +36,10 @@ class NonFiniteGuard:
         self.check_grads = check_grads
         self.skips = mode == "skip" and check_grads
 
-        def scalar() -> torch.Tensor:
-            return torch.zeros((), dtype=torch.float64, device=device)
+        def scalar(value: float = 0.0) -> torch.Tensor:
+            return torch.full((), value, dtype=torch.float64, device=device)
 
-        self._bad = scalar()      # non-finite steps on this rank since the last check
-        self._first = scalar()    # the first of them (0: none)
+        self._first = scalar(math.inf)  # this rank's first non-finite step since the last check (inf: none)
         self._run = scalar()      # steps skipped in a row, up to now
         self._longest = scalar()  # the longest such run since the last check
         self._skipped = scalar()  # steps skipped since the last check
@@ -51,25 +51,35 @@ class NonFiniteGuard:
     def active(self) -> bool:
         return self.mode != "ignore"
 
+    @property
+    def needs_grad_norm(self) -> bool:
+        """Whether the step must compute the gradient norm for the guard when clipping does not.
+
+        Only skip does: it must decide on the gradient before the update. stop makes do with the
+        loss (and the clipping norm when there is one): a gradient that is not finite while its
+        loss is poisons the weights, so the next step's loss shows it, one step later."""
+        return self.skips
+
     def observe(self, step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """After the backward passes of `step`, before the optimizer step: record the flags (device only).
+        """After the backward passes of `step`, before the optimizer step: record the flags (a few device ops).
 
         Returns, with skip, a 0-dim bool tensor: whether the optimizer step may stand.
         """
-        grads_ok = torch.isfinite(grad_norm) if grad_norm is not None and self.check_grads else None
-        bad = ~torch.isfinite(loss) if grads_ok is None else ~(torch.isfinite(loss) & grads_ok)
-        self._first.copy_(torch.where((self._first == 0) & bad, float(step), self._first))
-        self._bad += bad
-        if not self.skips or grads_ok is None:
+        use_norm = grad_norm is not None and self.check_grads
+        # A NaN or inf in either makes the sum non-finite: one test for both.
+        finite = torch.isfinite(loss + grad_norm if use_norm else loss)  # type: ignore[operator]
+        torch.minimum(self._first, torch.where(finite, math.inf, float(step)), out=self._first)
+        if not self.skips or not use_norm:
             return None
+        grads_ok = torch.isfinite(grad_norm)  # type: ignore[arg-type]
         self._skipped += ~grads_ok
         self._run.copy_(torch.where(grads_ok, 0.0, self._run + 1))
         torch.maximum(self._longest, self._run, out=self._longest)
         return grads_ok
 
     def pending(self) -> torch.Tensor:
-        """This rank's non-finite step count since the last check, to add to a collective's sum."""
-        return self._bad.reshape(1)
+        """1 if this rank saw a non-finite step since the last check, to add to a collective's sum."""
+        return torch.isfinite(self._first).to(torch.float64).reshape(1)
 
     def settle(self, bad_total: float, ds: DistState, step: int) -> tuple[int, Optional[NonFiniteError]]:
         """At a check, with the all-rank sum of pending(): (steps skipped since the last check, the error
@@ -79,12 +89,11 @@ class NonFiniteGuard:
         if bad_total == 0:
             return skipped, None
         # Rare (something already went wrong): one more collective for the earliest step and longest run.
-        both = torch.stack([-torch.where(self._first > 0, self._first, float("inf")), self._longest])
+        both = torch.stack([-self._first, self._longest])
         if ds.world_size > 1:
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
         first, longest = int(-both[0].item()), int(both[1].item())
-        self._bad.zero_()
-        self._first.zero_()
+        self._first.fill_(math.inf)
         self._longest.copy_(self._run)
         if self.mode == "stop":
             return skipped, NonFiniteError(f"the loss or gradient is not finite since step {first} (seen at the check "
@@ -128,7 +137,7 @@ class NonFiniteGuard:
         with torch.no_grad():
             for t, s in zip(tensors, self._saved):
                 cond = ok if t.device == ok.device else ok.to(t.device)
-                t.copy_(torch.where(cond, t, s))
+                torch.where(cond, t, s, out=t)  # elementwise: writing over its own input is safe
         created = [(p, k) for p, k in zip(params, keys)
                    if (set(optimizer.state[p]) if p in optimizer.state else None) != k]
         if created and not bool(ok):

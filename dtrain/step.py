@@ -134,7 +134,7 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
                 loss_sum = task.loss_sum(out, y, keep)
             precision.backward(loss_sum * scale)
         if watch:
-            step_loss = loss_sum.detach().double() if step_loss is None else step_loss + loss_sum.detach()
+            step_loss = loss_sum.detach() if step_loss is None else step_loss + loss_sum.detach()
         if not skips:
             meter.add(loss_sum, real)
 
@@ -146,7 +146,7 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
     ok = None
     if guard is not None and step_loss is not None:  # an active guard
         norm = grad_norm
-        if norm is None and guard.check_grads:
+        if norm is None and guard.needs_grad_norm:
             norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         ok = guard.observe(state.step, step_loss, norm)
         if ok is not None:  # skip: the loss counts only if the step stands

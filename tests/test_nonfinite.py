@@ -174,3 +174,15 @@ def test_watching_costs_no_host_sync_per_step(mode: str) -> None:
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.parametrize("clip, named", [(None, NAN_STEP + 1), (1e9, NAN_STEP)], ids=["loss-only", "clip-norm"])
+def test_stop_on_a_nan_gradient_with_a_finite_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   clip: Optional[float], named: int) -> None:
+    """stop reads the loss (and the norm clipping computes): a NaN gradient alone shows in the next step's loss."""
+    monkeypatch.setenv(nan_model.NAN_AT_ENV, str(NAN_STEP))
+    monkeypatch.setenv(nan_model.NAN_GRAD_ENV, "1")
+    extra = [f"train.grad_clip={clip}"] if clip else []
+    with pytest.raises(DTrainError, match=rf"not finite since step {named} \(seen at the check of step 8\)"):
+        train(load_config(None, _args(tmp_path / "run", "stop", "log.every_steps=8", *extra, nproc=1)), environ={})
+    assert not (tmp_path / "run" / "model.pt").exists()

@@ -20,6 +20,18 @@ NAN_AT_ENV = "DTRAIN_TEST_NAN_AT_STEP"
 NAN_LAST_ENV = "DTRAIN_TEST_NAN_LAST_STEP"
 """The last step whose outputs are NaN (unset: only the first one)."""
 NAN_RANK_ENV = "DTRAIN_TEST_NAN_RANK"
+NAN_GRAD_ENV = "DTRAIN_TEST_NAN_GRAD"
+"""Set: at those steps the outputs stay finite and their gradient is NaN instead (a finite loss)."""
+
+
+class _NaNGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad * float("nan")
 """Unset: every rank's outputs go NaN at that step; set: only that rank's."""
 FEATURES, CLASSES, SAMPLES = 6, 3, 64
 
@@ -48,7 +60,7 @@ class NaNAt(nn.Module):
         if self.training:
             self.calls += 1
             if self.nan_at <= self.calls <= self.nan_last:
-                out = out * float("nan")
+                out = _NaNGrad.apply(out) if os.environ.get(NAN_GRAD_ENV) else out * float("nan")
         return out
 
 

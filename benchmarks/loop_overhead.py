@@ -10,7 +10,11 @@ five steps with nothing else: no logging, no loss accumulation.
 
 A third variant runs fit with the stop-signal check of a real run (one tiny
 all-reduce between the ranks at every optimizer step, no checkpoint saved),
-so its ratio to plain fit is the cost of being preemptible.
+so its ratio to plain fit is the cost of being preemptible. Two more run fit
+with train.on_nonfinite=stop (the default of a real run: device flags, checked
+at logging steps) and =skip (plus a device copy of parameters and optimizer
+state per step, to undo a bad step without a host sync): their ratios to plain
+fit (train.on_nonfinite=ignore) are the cost of watching for NaN.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
 from dtrain.loggers import null_logger
 from dtrain.models import build_model
+from dtrain.nonfinite import NonFiniteGuard
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
 from dtrain.run import build_loop
@@ -71,26 +76,30 @@ def main() -> None:
             def save(self, state: object, meter: object) -> None:
                 raise AssertionError("no checkpoint is due in the benchmark")
 
-        def dtrain_loop(saver: object = None) -> float:
+        def dtrain_loop(saver: object = None, on_nonfinite: str = "ignore") -> float:
             model = build_model(cfg.model, data.input_shape, data.num_classes)
             per_epoch = steps_per_epoch(loaders.train, 1)
             loop, _ = build_loop(cfg, ds, model, EPOCHS * per_epoch)
             plan = FitPlan(EPOCHS, None, cfg.log.every_steps)
+            guard = NonFiniteGuard(on_nonfinite, 10, ds.device)
             t = time.perf_counter()
             # fit evaluates each epoch; subtract nothing, since eval is part of what a user runs,
             # but keep the eval set small so the comparison is about the train loop.
             fit(loop, build_task("cross_entropy", [], "input", "target"), loaders, plan,
-                null_logger(), Progress("none", EPOCHS * per_epoch, False), saver)  # type: ignore[arg-type]
+                null_logger(), Progress("none", EPOCHS * per_epoch, False), saver,  # type: ignore[arg-type]
+                guard=guard)
             if ds.device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t
 
         hand_written()  # warm-up: allocator, kernels, worker start
-        hand, ours, checked = [], [], []
+        hand, ours, checked, stop, skip = [], [], [], [], []  # type: ignore[var-annotated]
         for _ in range(REPEATS):
             ours.append(dtrain_loop())
             hand.append(hand_written())
             checked.append(dtrain_loop(CheckOnly()))
+            stop.append(dtrain_loop(on_nonfinite="stop"))
+            skip.append(dtrain_loop(on_nonfinite="skip"))
         samples = EPOCHS * len(data.train)
         if ds.is_main:
             # The median of alternating runs: a load spike hits one run, not one side.
@@ -102,6 +111,8 @@ def main() -> None:
             print(f"dtrain fit + stop check:{samples / c:10.0f} samples/s (median of {REPEATS})")
             print(f"ratio dtrain / hand-written: {h / o:.3f}")
             print(f"ratio with the per-step stop check / without: {o / c:.3f}")
+            print(f"ratio train.on_nonfinite=stop / ignore: {o / statistics.median(stop):.3f}")
+            print(f"ratio train.on_nonfinite=skip / ignore: {o / statistics.median(skip):.3f}")
 
 
 if __name__ == "__main__":

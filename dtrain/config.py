@@ -24,6 +24,7 @@ DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ON_NONFINITE = ("stop", "skip", "ignore")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
 CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGXCPU")
@@ -158,6 +159,18 @@ class TrainConfig:
     """auto (cuda when available) | cpu | cuda."""
     save_model: bool = True
     """Rank 0 writes the trained weights (the unwrapped model's state_dict) to <output_dir>/model.pt."""
+    on_nonfinite: str = "stop"
+    """What a non-finite loss or gradient does. stop: every rank stops at the next logging step or checkpoint
+    with one line naming the first non-finite step, exit 2, writing no weights (the last checkpoint stays);
+    it watches each rank's loss (and the gradient norm when train.grad_clip computes one), so a gradient that
+    goes bad under a finite loss is named at the next step, whose loss its update poisoned. skip: a step whose
+    all-reduced gradient (the same on every rank) is not finite is undone on the device: parameters and
+    optimizer state as before, the schedule still advances; counted in skipped_steps. ignore: train on.
+    Flags stay on the device until a check (logging steps, checkpoints, the end): no per-step host sync.
+    With fp16 only the loss is watched (GradScaler skips gradient overflows)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: stop (as stop does, with the weights of before the skips) once this many steps
+    in a row were skipped."""
 
 
 @dataclass
@@ -413,6 +426,8 @@ def validate(cfg: Config) -> None:
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip,
            "a number > 0, or null for no clipping")
     _choice("train.device", t.device, DEVICES)
+    _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
+    _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, "an integer >= 1")
 
     _choice("dist.backend", cfg.dist.backend, BACKENDS)
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "an integer >= 1")

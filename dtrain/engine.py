@@ -22,6 +22,7 @@ from dtrain.dist import LaggedAgreement
 from dtrain.evaluate import evaluate
 from dtrain.loggers import MultiLogger, Record
 from dtrain.meters import Meter, Timer
+from dtrain.nonfinite import NonFiniteGuard
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
 from dtrain.state import TrainState
@@ -63,13 +64,16 @@ class FitResult:
 
 
 def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: MultiLogger,
-        progress: Progress, saver: Optional[Saver] = None, meter: Optional[Meter] = None) -> FitResult:
+        progress: Progress, saver: Optional[Saver] = None, meter: Optional[Meter] = None,
+        guard: Optional[NonFiniteGuard] = None) -> FitResult:
     """Train until `plan.epochs` or `plan.max_steps`, evaluating at each epoch end (if there is an eval set).
 
     A resumed `state` continues its epoch at `state.window_in_epoch` (and its
     `meter` holds the sums the checkpoint had). With a
     `saver`, checkpoints are taken at step boundaries when due, and a stop
-    signal on any rank ends the run after one.
+    signal on any rank ends the run after one. With an active `guard`, its flags
+    are checked at every logging step, before every checkpoint and at the end;
+    a NonFiniteError it raises has every rank stop at the same check.
     """
     k = state.grad_accum_steps
     per_epoch = steps_per_epoch(loaders.train, k)  # loaders.train_sampler.start is 0 here: a whole epoch
@@ -81,12 +85,32 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
     last_save = time.monotonic()
     agreement = LaggedAgreement(state.dist)
     state.model.train()
+    watch = guard if guard is not None and guard.active else None
+
+    def alarms() -> torch.Tensor:
+        """[non-finite steps on this rank, 1 if rank 0's logger could not write]: summed at every check."""
+        bad = watch.pending() if watch is not None else torch.zeros(1, dtype=torch.float64, device=state.dist.device)
+        return torch.cat([bad, torch.full_like(bad, 1.0 if logger.failure is not None else 0.0)])
+
+    def settle(bad: float, failed: float) -> Optional[Exception]:
+        """Every rank, with the same sums: the error that ends the run here, if any."""
+        if failed:
+            agreement.settle()
+            state.dist.run_on_main(logger.raise_failure)  # rank 0's one line reaches every rank
+        if watch is None:
+            return None
+        skipped, error = watch.settle(bad, state.dist, state.step)
+        state.skipped_steps += skipped
+        return error
 
     def log_window() -> None:
         extra = grad_norm.reshape(1) if grad_norm is not None else None
-        vals = meter.take(0, state.dist, extra)  # the one collective, and the one host sync
+        # The one collective, and the one host sync: the checks' flags ride along.
+        vals = meter.take(0, state.dist, extra, alarms())
+        error = settle(vals.pop(2), vals.pop(2))
         elapsed = max(time.perf_counter() - timer.start, 1e-12)
-        values: dict[str, float] = {"loss": vals[0] / vals[1], "samples": int(vals[1]), "lr": lr}
+        loss = vals[0] / vals[1] if vals[1] else math.nan  # every step of the window skipped
+        values: dict[str, float] = {"loss": loss, "samples": int(vals[1]), "lr": lr}
         if grad_norm is not None:
             values["grad_norm"] = vals[2]
         values["samples_per_s"] = vals[1] / elapsed
@@ -94,12 +118,26 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         values["data_time_fraction"] = timer.data / elapsed
         if state.dist.device.type == "cuda":
             values["peak_memory_gb"] = torch.cuda.max_memory_allocated(state.dist.device) / 2**30
-        if state.precision.scaler is not None:
+        if state.precision.scaler is not None or (watch is not None and watch.skips):
             values["skipped_steps"] = state.skipped_steps
         record = Record("train", state.step, state.epoch + 1, values)
         logger.log(record)
         progress.show(record)
         timer.reset()
+        if error is not None:
+            agreement.settle()  # no collective left in flight behind the error
+            raise error
+        if watch is not None and math.isfinite(loss):
+            watch.last_finite = (state.step, loss)
+
+    def check_now() -> None:
+        """Before a checkpoint and at the end (one tiny collective): no non-finite weights may be saved, and
+        a log that could not be written stops every rank."""
+        bad, failed = state.dist.all_reduce_sum(alarms()).tolist()
+        error = settle(bad, failed)
+        if error is not None:
+            agreement.settle()
+            raise error
 
     def done(epochs_completed: int) -> bool:
         return epochs_completed >= plan.epochs or (plan.max_steps is not None and state.step >= plan.max_steps)
@@ -121,6 +159,7 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             saver.signals.acknowledge()
         if signalled or timed or periodic:
             paused = time.perf_counter()
+            check_now()
             saver.save(state, meter)
             last_save = time.monotonic()
             timer.start += time.perf_counter() - paused  # saving is not training time
@@ -133,7 +172,7 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         loaders.train_sampler.start = start
         for window in epoch_windows(loaders.train, loaders.train_shard, k, timer, start):
             lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
-            grad_norm = train_step(state, task, window, meter)
+            grad_norm = train_step(state, task, window, meter, watch)
             state.window_in_epoch += 1
             timer.steps += 1
             progress.step(state.epoch + 1)
@@ -154,7 +193,8 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         paused = time.perf_counter()
         epoch_sum, epoch_count = meter.take(1, state.dist)
         logger.log(Record("train_epoch", state.step, state.epoch + 1,
-                          {"loss": epoch_sum / epoch_count, "samples": int(epoch_count)}))
+                          {"loss": epoch_sum / epoch_count if epoch_count else math.nan,
+                           "samples": int(epoch_count)}))
         if loaders.eval is not None:
             result = evaluate(state, task, loaders.eval)
             record = Record("eval", state.step, state.epoch + 1, result)
@@ -171,4 +211,5 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
                 agreement.settle()
                 return FitResult(result, stopped)
     agreement.settle()
+    check_now()  # what the caller saves next (the final checkpoint, model.pt) must be finite
     return FitResult(result)

@@ -27,27 +27,42 @@ class Meter:
 
     def __post_init__(self) -> None:
         self.loss_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # Samples of steps skipped on the device (train.on_nonfinite=skip), known only there.
+        self.excluded = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def add(self, loss_sum: torch.Tensor, count: int) -> None:
         self.loss_sums += loss_sum.detach()
         self.counts[0] += count
         self.counts[1] += count
 
-    def take(self, row: int, dist_state: DistState, extra: Optional[torch.Tensor] = None) -> list[float]:
-        """All-reduce one row's [loss_sum, count] (one collective), reset it, return [loss_sum, count, *extra]."""
-        count = torch.tensor([float(self.counts[row])], dtype=torch.float64, device=self.device)
-        totals = dist_state.all_reduce_sum(torch.cat([self.loss_sums[row:row + 1], count]))
+    def add_unless_skipped(self, loss_sum: torch.Tensor, count: int, ok: torch.Tensor) -> None:
+        """A whole step's loss sum and samples, left out where `ok` (a device flag) is false."""
+        self.loss_sums += torch.where(ok, loss_sum.detach(), 0.0)
+        self.excluded += torch.where(ok, 0.0, float(count))
+        self.counts[0] += count
+        self.counts[1] += count
+
+    def _counts(self, rows: slice) -> torch.Tensor:
+        return torch.tensor(self.counts[rows], dtype=torch.float64, device=self.device) - self.excluded[rows]
+
+    def take(self, row: int, dist_state: DistState, extra: Optional[torch.Tensor] = None,
+             summed: Optional[torch.Tensor] = None) -> list[float]:
+        """All-reduce one row's [loss_sum, count, *summed] (one collective), reset the row, return
+        [loss_sum, count, *summed, *extra] (`extra` as this rank has it)."""
+        parts = [self.loss_sums[row:row + 1], self._counts(slice(row, row + 1))]
+        if summed is not None:
+            parts.append(summed.detach().to(torch.float64))
+        totals = dist_state.all_reduce_sum(torch.cat(parts))
         self.loss_sums[row].zero_()
+        self.excluded[row].zero_()
         self.counts[row] = 0
         if extra is not None:
             totals = torch.cat([totals, extra.detach().to(totals)])
         return totals.tolist()
 
-
     def global_state(self, dist_state: DistState) -> list[float]:
         """[window sum, window count, epoch sum, epoch count] over all ranks (one collective), for a checkpoint."""
-        counts = torch.tensor(self.counts, dtype=torch.float64, device=self.device)
-        both = torch.stack([self.loss_sums, counts], dim=1).reshape(-1)  # sum0, count0, sum1, count1
+        both = torch.stack([self.loss_sums, self._counts(slice(0, 2))], dim=1).reshape(-1)  # sum0, count0, ...
         return dist_state.all_reduce_sum(both).tolist()
 
     def load_global_state(self, values: list[float], is_main: bool) -> None:
@@ -55,6 +70,7 @@ class Meter:
         if is_main:
             self.loss_sums = torch.tensor([values[0], values[2]], dtype=torch.float64, device=self.device)
             self.counts = [int(values[1]), int(values[3])]
+        self.excluded.zero_()
 
 
 @dataclass

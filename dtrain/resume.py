@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -27,14 +28,18 @@ from dtrain.preempt import StopSignals
 from dtrain.seeding import rank_seed, rng_state, seed_everything, set_rng_state
 from dtrain.state import TrainState
 
-# What a run writes into output_dir; overwrite=true removes all of it first, so
-# a replaced run leaves no stale event file, plot, weights or checkpoint behind.
+# What a run writes into output_dir; overwrite=true removes all of it (and nothing else), so a
+# replaced run leaves no stale event file, plot, weights or checkpoint behind.
 RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model.pt", "curves.png", "tensorboard", "wandb", checkpoint.SUBDIR)
+MARKER = ".dtrain-run"
+"""Written first into every output_dir a run claims: only a directory holding it is dtrain's to resume or replace."""
+NOT_A_RUN = ("lr_find",)
+"""What dtrain writes into an output_dir outside a run (python -m dtrain.lr_find)."""
 
 
 @dataclass(frozen=True)
 class Start:
-    """Decided on rank 0 before anything is built, and shared with every rank."""
+    """Decided on rank 0 before anything is built, and shared with every rank; carried out by `claim`."""
 
     output_dir: str
     checkpoint: Optional[str] = None
@@ -43,6 +48,8 @@ class Start:
     """finished.json of a run that already ended: nothing is trained or rewritten."""
     restart: bool = False
     """An earlier attempt of this run died before its first checkpoint: start again, replacing its logs."""
+    replace: bool = False
+    """overwrite=true over an earlier run: its outputs go, but only once the new run is set up."""
 
 
 def new_run_dir(root: str = "runs") -> str:
@@ -61,8 +68,14 @@ def new_run_dir(root: str = "runs") -> str:
 
 
 def decide_start(cfg: Config) -> Start:
-    """Rank 0: pick the output directory and what to continue from; refuse to clobber an earlier run."""
+    """Rank 0: pick the output directory and what to continue from, refusing to clobber what is there.
+
+    It only looks (and probes that it could write): deleting an earlier run, creating
+    directories and the marker wait for `claim`, after the whole run is set up, so a
+    config, factory or dataset that fails leaves an earlier run as it was.
+    """
     path = os.path.expanduser(cfg.output_dir) if cfg.output_dir else new_run_dir()
+    _check_ours(path)
     has_run = os.path.exists(os.path.join(path, "metrics.jsonl"))
     # dtrain creates checkpoints/ before it logs anything: a run with that directory, no committed
     # checkpoint, no finished.json and the same math in its config.yaml is an earlier attempt of
@@ -71,7 +84,7 @@ def decide_start(cfg: Config) -> Start:
                   and checkpoint.finished(path) is None and _same_math(path, cfg))
     start = Start(path)
     if cfg.overwrite:
-        _remove_outputs(path)
+        start = Start(path, replace=True)
     elif cfg.resume not in ("auto", "never"):
         start = Start(path, checkpoint=os.path.expanduser(cfg.resume))
         if not checkpoint.is_committed(start.checkpoint):
@@ -90,15 +103,65 @@ def decide_start(cfg: Config) -> Start:
         start = Start(path, checkpoint=latest, finished=checkpoint.finished(path))
     elif cfg.resume == "auto" and died_early:
         start = Start(path, restart=True)
-        _keep_aside(path)
     elif has_run or os.path.isdir(checkpoint.checkpoints_dir(path)):
         raise ConfigError("output_dir", path, "a new directory, or overwrite=true to replace the run already there"
                           + ("" if cfg.resume == "never" else " (it has no committed checkpoint to resume from)"))
-    try:
-        os.makedirs(checkpoint.checkpoints_dir(path), exist_ok=True)
-    except OSError as exc:
-        raise ConfigError("output_dir", path, f"a writable directory ({exc.strerror or exc})") from None
+    if start.finished is None:
+        _check_writable(path, start.replace)
     return start
+
+
+def claim(start: Start) -> None:
+    """Rank 0, once every rank is set up: replace or set aside the earlier run, make the directories, mark them."""
+    path = start.output_dir
+    try:
+        if start.replace:
+            _remove_outputs(path)
+        if start.restart:
+            _keep_aside(path)
+        os.makedirs(checkpoint.checkpoints_dir(path), exist_ok=True)
+        marker = os.path.join(path, MARKER)
+        if not os.path.exists(marker):
+            checkpoint.write_atomic(marker, b"dtrain run directory: overwrite=true may replace what dtrain wrote here\n")
+    except OSError as exc:
+        raise DTrainError(f"cannot prepare the output directory {path}: {exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename else "")) from None
+
+
+def _check_ours(path: str) -> None:
+    """A non-empty directory without dtrain's marker holds someone else's files: never resume or replace it."""
+    try:
+        entries = [n for n in os.listdir(path) if n not in NOT_A_RUN] if os.path.isdir(path) else []
+    except OSError as exc:
+        raise ConfigError("output_dir", path, f"a readable directory ({exc.strerror or exc})") from None
+    if entries and MARKER not in entries:
+        found = next((n for n in RUN_OUTPUTS if n in entries), sorted(entries)[0])
+        raise ConfigError("output_dir", path, f"a new or empty directory, or one a dtrain run wrote (it has a {MARKER} "
+                          f"file); this one holds {found!r}, which dtrain did not write, and is left alone")
+
+
+def _check_writable(path: str, replacing: bool) -> None:
+    """Probe, writing nothing that stays, that the run can create its files; replacing, that it can delete
+    the earlier run's (a read-only folder in it must stop the run before anything is deleted)."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    dirs = [existing]
+    if os.path.isdir(checkpoint.checkpoints_dir(path)):
+        dirs.append(checkpoint.checkpoints_dir(path))
+    if replacing:
+        for name in RUN_OUTPUTS:
+            target = os.path.join(path, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                dirs += [root for root, _, _ in os.walk(target)]
+    for d in dirs:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".dtrain-probe-", dir=d)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            where = "" if d == path else f": {d} is not"
+            raise ConfigError("output_dir", path, f"a writable directory{where} ({exc.strerror or exc})") from None
 
 
 def _same_math(path: str, cfg: Config) -> bool:
@@ -123,16 +186,13 @@ def _keep_aside(path: str) -> None:
 
 
 def _remove_outputs(path: str) -> None:
-    try:
-        attempts = [n for n in os.listdir(path) if n.startswith("metrics.attempt-")] if os.path.isdir(path) else []
-        for name in (*RUN_OUTPUTS, *attempts):
-            target = os.path.join(path, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            elif os.path.lexists(target):
-                os.remove(target)
-    except OSError as exc:
-        raise ConfigError("output_dir", path, f"a writable directory ({exc.strerror or exc})") from None
+    attempts = [n for n in os.listdir(path) if n.startswith("metrics.attempt-")] if os.path.isdir(path) else []
+    for name in (*RUN_OUTPUTS, *attempts):
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
 
 
 def global_batch(cfg: Config, world_size: int) -> int:

@@ -20,15 +20,17 @@ from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
 from dtrain.errors import DTrainError
+from dtrain.faults import STEP_ATTR
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
 from dtrain.models import build_model, from_factory, prepare_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.precision import build_precision, check_precision
 from dtrain.meters import Meter
+from dtrain.nonfinite import NonFiniteGuard
 from dtrain.preempt import StopSignals
+from dtrain.preflight import check_first_batch
 from dtrain.progress import Progress
-from dtrain.faults import STEP_ATTR
-from dtrain.resume import Saver, Start, decide_start, global_batch, print_main, requeue_slurm_job, restore
+from dtrain.resume import Saver, Start, claim, decide_start, global_batch, print_main, requeue_slurm_job, restore
 from dtrain.seeding import rank_seed, seed_everything
 from dtrain.state import TrainState
 from dtrain.task import Task, build_task
@@ -120,6 +122,12 @@ def _model(cfg: Config, given: Given, data: Datasets) -> torch.nn.Module:
                         data.num_classes)
 
 
+def _model_label(cfg: Config, given: Given) -> str:
+    if given.model is None:
+        return f"model.name={cfg.model.name}"
+    return f"dtrain.train(model={getattr(given.model, '__name__', type(given.model).__name__)})"
+
+
 def build_task_for(cfg: Config, given: Given) -> Task:
     metrics = [(None, m) for m in cfg.loss.metrics] + list(given.metrics)
     return build_task(given.loss if given.loss is not None else cfg.loss.name, metrics,
@@ -152,7 +160,8 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
     destroyed.
 
     `prepare` runs on rank 0 and may return a Start: where the run writes and which checkpoint it continues
-    from. `total_steps` overrides the plan's step count (the LR finder's own length).
+    from; it is carried out (`resume.claim`) once every rank has built its data, model and optimizer.
+    `total_steps` overrides the plan's step count (the LR finder's own length).
     """
     given = given or Given()
     launch = detect_launch(os.environ if environ is None else environ)
@@ -179,9 +188,13 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
             data = describe(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
             loaders = build_loaders(data, cfg.data, cfg.train.seed, ds, tuple(cfg.checkpoint.signals))
             parts = build_parts(cfg, ds, _model(cfg, given, data))
+            check_first_batch(parts.model, task, data, ds.device, _model_label(cfg, given), cfg.data.batch_size)
         except Exception as exc:
             error = exc
         ds.check_all(error, "during set-up")
+        if start is not None:
+            # Only now that everything that can fail in set-up has worked: replace an earlier run, mark the dir.
+            ds.run_on_main(lambda: claim(start), share_result=False)
         # From here on, randomness (dropout, say) differs between ranks, reproducibly.
         seed_everything(rank_seed(cfg.train.seed, ds.rank, ds.world_size))
         per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
@@ -278,8 +291,11 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
         try:
             with logger, StopSignals(cfg.checkpoint.signals, cfg.checkpoint.stop_grace_s, ds.watch) as signals:
                 saver = Saver(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
+                guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, ds.device,
+                                       check_grads=loop.precision.scaler is None)
                 try:
-                    outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter)
+                    outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter,
+                                  guard)
                 except Exception as exc:
                     setattr(exc, STEP_ATTR, loop.step + 1)  # for the one line that says what failed where
                     raise

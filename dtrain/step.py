@@ -18,7 +18,8 @@ gradient of one big batch of the same samples:
     under `no_sync()`, and DDP reduces the accumulated gradients on the last.
 
 Nothing here reads a value back to the host, except GradScaler's one found-inf
-read per step with fp16.
+read per step with fp16. Non-finite losses and gradients (train.on_nonfinite) are
+flagged on the device by `nonfinite.NonFiniteGuard`, and with skip undone there.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from dtrain.data import TrainShard
 from dtrain.meters import Meter, Timer
+from dtrain.nonfinite import NonFiniteGuard
 from dtrain.state import TrainState
 from dtrain.task import Task
 
@@ -105,13 +107,21 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def train_step(state: TrainState, task: Task, window: Window, meter: Meter) -> Optional[torch.Tensor]:
-    """One optimizer step over a window; returns the pre-clip grad norm (a device tensor) or None."""
+def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
+               guard: Optional[NonFiniteGuard] = None) -> Optional[torch.Tensor]:
+    """One optimizer step over a window; returns the pre-clip grad norm (a device tensor) or None.
+
+    With an active `guard` the step's loss and gradient norm go to its device flags, and with
+    train.on_nonfinite=skip a step with a non-finite gradient is undone on the device.
+    """
     model, opt, precision = state.model, state.optimizer, state.precision
+    watch = guard is not None and guard.active
+    skips = guard is not None and guard.skips
     # DDP averages gradients over ranks; this undoes it so the sum is over the global window.
     scale = state.dist.world_size / window.global_real
     opt.zero_grad(set_to_none=True)
     last = len(window.batches) - 1
+    step_loss: Optional[torch.Tensor] = None
     for j, (batch, real) in enumerate(zip(window.batches, window.real)):
         x, y = to_device(task.split(batch), state.dist.device)
         # The repeats are always at the batch's end: summing the first `real` per-sample losses
@@ -123,14 +133,27 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter) -> O
                 out = model(x)
                 loss_sum = task.loss_sum(out, y, keep)
             precision.backward(loss_sum * scale)
-        meter.add(loss_sum, real)
+        if watch:
+            step_loss = loss_sum.detach() if step_loss is None else step_loss + loss_sum.detach()
+        if not skips:
+            meter.add(loss_sum, real)
 
     grad_norm = None
     if state.grad_clip is not None:
         precision.unscale_(opt)  # clip the true gradients, not the scaled ones
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
     state.step += 1
-    if precision.step(opt):
+    ok = None
+    if guard is not None and step_loss is not None:  # an active guard
+        norm = grad_norm
+        if norm is None and guard.needs_grad_norm:
+            norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        ok = guard.observe(state.step, step_loss, norm)
+        if ok is not None:  # skip: the loss counts only if the step stands
+            meter.add_unless_skipped(step_loss, sum(window.real), ok)
+    with guard.undo_unless(ok, opt) if guard is not None else nullcontext():
+        stepped = precision.step(opt)
+    if stepped:
         state.scheduler.step()
     else:
         state.skipped_steps += 1  # an fp16 overflow: the schedule does not advance either

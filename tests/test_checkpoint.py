@@ -21,7 +21,7 @@ import torch
 
 from dtrain import checkpoint
 from dtrain.errors import DTrainError
-from helpers import REPO, WORKERS, child_env, dtrain, records, rel_diff, torchrun
+from helpers import REPO, WORKERS, child_env, dtrain, records, rel_diff, run, torchrun
 
 # ---------------------------------------------------------------- on disk, in-process
 
@@ -291,3 +291,48 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(tmp_path: Path) ->
         api.train(model=nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), train_data=data, eval_data=data,
                   overrides=args)
     assert "does not fit this run's model or optimizer" in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- a full disk during a real run
+
+def _assert_said_by_each_rank(stderr: str, message: str) -> None:
+    """One error per rank, each this message (the two ranks share stderr, so their lines may run together)."""
+    assert stderr.count("dtrain: error") == 2, stderr
+    assert f"dtrain: error: {message}" in stderr and f"dtrain: error (rank 1): {message}" in stderr, stderr
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_a_full_disk_while_logging_cuts_metrics_back_to_whole_lines_and_stops_every_rank(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE for the whole job: metrics.jsonl reaches it part-way (checkpoints come only at the end)."""
+    out, limit = tmp_path / "run", 4096
+    limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'torch.distributed.run', *sys.argv[2:]])")
+    res = run([sys.executable, "-c", limited, str(limit), "--standalone", "--nproc_per_node=2", "-m", "dtrain",
+               "model.name=tests.workers.nan_model:build", "data.name=tests.workers.nan_model:data",
+               "data.batch_size=32", "train.epochs=60", "log.every_steps=1", "log.progress=none",
+               f"output_dir={out}"], timeout=100)
+    assert res.returncode != 0
+    path = out / "metrics.jsonl"
+    _assert_said_by_each_rank(res.stderr, f"cannot write {path}: File too large")
+    text = path.read_text()
+    assert text.endswith("\n") and 0 < len(text.encode()) <= limit
+    steps = [json.loads(line)["step"] for line in text.splitlines()]  # every line whole
+    assert 1 < steps[-1] < 60
+    assert not (out / "model.pt").exists() and not checkpoint.committed(str(out))
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_a_full_disk_while_writing_model_pt_leaves_none_and_the_final_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = dtrain(2, ["data.name=synthetic", "model.name=tests.workers.full_disk_model:build", "train.max_steps=3",
+                     "log.progress=none", f"output_dir={out}"],
+                 env={"DTRAIN_TEST_FULL_AT_STATE_DICT": "2", "DTRAIN_TEST_FULL_BYTES": "1000"}, check=False)
+    assert res.returncode != 0  # torchrun's own code for a failed worker
+    path = out / "model.pt"
+    _assert_said_by_each_rank(res.stderr, f"cannot write {path}: File too large")
+    assert not [p.name for p in out.iterdir() if p.name.startswith("model.pt")]  # no model.pt, no temporary
+    (final,) = checkpoint.committed(str(out))
+    assert final.step == 3 and checkpoint.load(final.path)["train"]["step"] == 3
+    assert checkpoint.finished(str(out)) is None

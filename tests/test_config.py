@@ -91,6 +91,7 @@ def test_existing_run_is_not_clobbered(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')
+    (out / ".dtrain-run").write_text("")  # an earlier dtrain run's (a directory without it is refused anyway)
     res = run([sys.executable, "-m", "dtrain", "data.name=synthetic", f"output_dir={out}"], timeout=60)
     assert res.returncode == 2 and "overwrite=true" in res.stderr
     assert (out / "metrics.jsonl").read_text() == '{"split": "train", "step": 1}\n'

@@ -511,7 +511,7 @@ def test_plot_errors_are_one_line(tmp_path: Path, case: str) -> None:
 
 # --- failures ----------------------------------------------------------------------------------
 
-FAIL_AT_FORWARD = 6  # steps 1-4, the one eval batch, then the first step of epoch 2
+FAIL_AT_FORWARD = 7  # the set-up check of the first batch, steps 1-4, the one eval batch, then epoch 2's first step
 STALL_S = 60
 FAIL_OVERRIDES = ["data.name=synthetic", f"data.train_size={N_TRAIN}", "data.eval_size=100", f"train.epochs={EPOCHS}",
                   "log.every_steps=2", "model.name=tests.workers.failing_model:build", "log.wandb=true",

@@ -7,6 +7,7 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ def test_default_job_with_four_processes_and_no_arguments(tmp_path: Path) -> Non
                "-m", "dtrain"], cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=240)
     assert res.returncode == 0, res.stderr
     (out,) = (tmp_path / "runs").iterdir()  # a new runs/<date>-<time>
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".dtrain-run", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model.pt"]
     runtime = yaml.safe_load((out / "config.yaml").read_text())["runtime"]
     assert runtime == {"launcher": "torchrun", "precision": "fp32", "device": "cpu", "backend": "gloo",
                        "world_size": 4, "per_process_batch": 32, "grad_accum_steps": 1, "global_batch": 128}
@@ -104,6 +106,7 @@ def test_second_run_into_same_dir_keeps_the_first(tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     (other / "metrics.jsonl").write_text(before)  # a run whose checkpoints are gone
+    (other / ".dtrain-run").write_text("")  # dtrain's own
     cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", f"output_dir={other}"])
     with pytest.raises(DTrainError, match="overwrite=true"):
         train(cfg, environ={})
@@ -171,6 +174,7 @@ def test_a_diverged_loss_is_written_as_strict_json(tmp_path: Path) -> None:
 
     out = tmp_path / "run"
     train(load_config(None, ["data.name=synthetic", "train.epochs=1", "optim.lr=1e12", "log.every_steps=1",
+                             "train.on_nonfinite=ignore",
                              f"output_dir={out}"]), environ={})
 
     def refuse(constant: str) -> None:
@@ -246,3 +250,123 @@ def test_a_rank_that_fails_during_set_up_stops_the_others_at_once(tmp_path: Path
     # the rank that did not fail says which one did (rank 0 prints without a rank tag)
     assert (f"dtrain: error (rank {other}): {line}" if other else f"dtrain: error: {line}") in res.stderr
     print(f"set-up failure on rank {failing_rank}: every rank out after {elapsed:.1f} s")
+
+
+# ---------------------------------------------------------------- overwrite validates first; only dtrain's dirs
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
+
+
+def _earlier_run(out: Path) -> dict[str, bytes]:
+    train(load_config(None, ["data.name=synthetic", "train.max_steps=2", "checkpoint.every_steps=1",
+                             f"output_dir={out}"]), environ={})
+    files = _tree(out)
+    assert {"config.yaml", "model.pt", "metrics.jsonl", "checkpoints/finished.json"} <= files.keys()
+    return files
+
+
+def _one_line_exit_2(args: list[str], env: Optional[dict[str, str]] = None) -> str:
+    res = run([sys.executable, "-m", "dtrain", *args], timeout=90, env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("dtrain: error: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["model.name=tests.workers.no_such_module:build"], "cannot import 'tests.workers.no_such_module'"),
+    (["data.name=mnist", "data.root=/nonexistent/data"], "MNIST"),
+    (["model.name=tests.workers.failing_model:build_or_raise"], "deliberate failure in the factory"),
+], ids=["model-typo", "missing-dataset", "failing-factory"])
+def test_overwrite_of_a_run_that_cannot_start_deletes_nothing(tmp_path: Path, bad: list[str], says: str) -> None:
+    out = tmp_path / "run"
+    before = _earlier_run(out)
+    line = _one_line_exit_2(["data.name=synthetic", f"output_dir={out}", "overwrite=true", *bad],
+                            env={"DTRAIN_TEST_FAIL_RANK": "0"})
+    assert says in line
+    assert _tree(out) == before
+
+
+def _read_only(path: Path) -> None:
+    """Read-only even for root: the immutable attribute (root ignores permission bits)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a directory read-only for root here (chattr +i)")
+
+
+def _writable_again(path: Path) -> None:
+    import os
+    import subprocess
+
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    path.chmod(0o755)
+
+
+def test_overwrite_with_a_read_only_folder_in_the_old_run_deletes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    before = _earlier_run(out)
+    locked = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())[-1]  # deleted last
+    _read_only(locked)
+    try:
+        line = _one_line_exit_2(["data.name=synthetic", f"output_dir={out}", "overwrite=true"])
+        assert "config key 'output_dir'" in line and f"{locked} is not" in line
+        assert _tree(out) == before
+    finally:
+        _writable_again(locked)
+
+
+@pytest.mark.parametrize("overwrite", ["false", "true"])
+def test_a_directory_dtrain_did_not_write_is_never_replaced(tmp_path: Path, overwrite: str) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("my: own config\n")
+    (out / "model.pt").write_bytes(b"my own weights")
+    before = _tree(out)
+    line = _one_line_exit_2(["data.name=synthetic", "train.max_steps=1", f"output_dir={out}",
+                             f"overwrite={overwrite}"])
+    assert "config key 'output_dir'" in line and "'config.yaml', which dtrain did not write" in line
+    assert _tree(out) == before
+
+
+def test_a_run_into_an_empty_or_new_directory_marks_it_and_a_failed_one_leaves_none(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train(load_config(None, ["data.name=synthetic", "train.max_steps=1", f"output_dir={empty}"]), environ={})
+    assert (empty / ".dtrain-run").exists() and (empty / "model.pt").exists()
+    # a run whose set-up fails creates nothing, so the corrected rerun is not refused
+    new = tmp_path / "new"
+    _one_line_exit_2(["data.name=synthetic", "model.name=tests.workers.no_such_module:build", f"output_dir={new}"])
+    assert not new.exists()
+    train(load_config(None, ["data.name=synthetic", "train.max_steps=1", f"output_dir={new}"]), environ={})
+    assert (new / "model.pt").exists()
+
+
+# ---------------------------------------------------------------- factories that return something unusable
+
+@pytest.mark.parametrize("args, says", [
+    (["model.name=tests.workers.bad_factories:too_few_classes"],
+     "model.name=tests.workers.bad_factories:too_few_classes: the model gives 9 outputs per sample (outputs (32, 9)), "
+     "but the data has 10 classes; expected outputs [batch, 10] for loss.name=cross_entropy"),
+    (["model.name=tests.workers.bad_factories:one_output", "data.name=tests.workers.bad_factories:regression_data",
+      "loss.name=mse"],
+     "loss.name=mse: the model's outputs (32, 1) float32 and the targets (32,) float32 must have the same shape "
+     "(the outputs of model.name=tests.workers.bad_factories:one_output)"),
+    (["model.name=tests.workers.bad_factories:no_parameters"],
+     "the model (Flatten, from model.name=tests.workers.bad_factories:no_parameters) has no parameters"),
+    (["model.name=tests.workers.bad_factories:returns_a_tuple"],
+     "model.name=tests.workers.bad_factories:returns_a_tuple: the model returned tuple; expected one tensor"),
+    (["loss.name=tests.workers.bad_factories:batch_mean_loss"],
+     "loss.name tests.workers.bad_factories:batch_mean_loss returned shape () for a batch of 32; expected one value "
+     "per sample"),
+], ids=["classes", "regression-shape", "no-parameters", "tuple", "batch-mean-loss"])
+def test_an_unusable_factory_is_one_line_before_training(tmp_path: Path, args: list[str], says: str) -> None:
+    out = tmp_path / "run"
+    line = _one_line_exit_2(["data.name=synthetic", "data.num_workers=0", f"output_dir={out}", *args])
+    assert says in line
+    assert not out.exists()  # found in set-up: nothing written, nothing trained

@@ -59,10 +59,25 @@ class MultiLogger:
         self.loggers = loggers
         self._closed = False
         self._guard: Optional[TerminationGuard] = None
+        self.failure: Optional[Exception] = None
+        """A record that could not be written (a full disk). Held, not raised: only rank 0 logs, and the
+        loop raises it on every rank at its next check (`raise_failure`), so none waits for a dead peer."""
 
     def log(self, record: Record) -> None:
+        if self.failure is not None:
+            return  # what was written stays whole; nothing more is added after a failure
+        from dtrain.errors import DTrainError
+
         for lg in self.loggers:
-            lg.log(record)
+            try:
+                lg.log(record)
+            except DTrainError as exc:
+                self.failure = exc
+                return
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
     def run_id(self) -> Optional[str]:
         """The W&B run's id, kept in checkpoints so that a resumed job continues the same run."""

@@ -1,4 +1,8 @@
-"""metrics.jsonl: one JSON object per record, written as whole lines and flushed, so a crash keeps what was logged."""
+"""metrics.jsonl: one JSON object per record, written as whole lines, so a crash keeps what was logged.
+
+Each line goes to the file in one unbuffered write; a write that fails part-way (a full
+disk) is cut back to the last whole line and reported as one line naming the file.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import math
 import os
 from typing import Optional
 
+from dtrain.errors import DTrainError
 from dtrain.loggers.base import Record
 
 
@@ -30,19 +35,24 @@ def _kept_lines(path: str, up_to_step: int) -> list[str]:
 class JsonlLogger:
     def __init__(self, path: str, resume_step: Optional[int] = None) -> None:
         self.path = path
-        if resume_step is None:
-            self._file = open(path, "w", encoding="utf-8")
-            return
-        # Resumed: the records up to the checkpoint stay, those after it go (they will be
-        # logged again), so every step appears exactly once. Rewritten under a temporary
-        # name, then renamed: a crash here leaves the old file whole.
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(_kept_lines(path, resume_step))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._file = open(path, "a", encoding="utf-8")
+        if resume_step is not None:
+            # Resumed: the records up to the checkpoint stay, those after it go (they will be
+            # logged again), so every step appears exactly once. Rewritten under a temporary
+            # name, then renamed: a crash here leaves the old file whole.
+            tmp = f"{path}.tmp-{os.getpid()}"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(_kept_lines(path, resume_step))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as exc:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise DTrainError(f"cannot write {path}: {exc.strerror or exc}") from None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if resume_step is None else 0)
+        self._fd = os.open(path, flags, 0o666)
+        self._size = os.fstat(self._fd).st_size  # where the last whole line ends
 
     def log(self, record: Record) -> None:
         # json writes floats with repr(), which round-trips: full precision. NaN and
@@ -50,11 +60,23 @@ class JsonlLogger:
         # which jq and other non-Python readers accept.
         values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.values.items()}
         row = {"split": record.split, "step": record.step, "epoch": record.epoch, **values}
-        self._file.write(json.dumps(row, allow_nan=False) + "\n")
-        self._file.flush()
+        data = (json.dumps(row, allow_nan=False) + "\n").encode("utf-8")
+        rest = memoryview(data)
+        try:
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, self._size)  # no torn last line
+            except OSError:
+                pass
+            raise DTrainError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._size += len(data)
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def fail(self) -> None:
         self.close()  # what was logged stays; the file has no notion of a failed run

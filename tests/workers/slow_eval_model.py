@@ -1,4 +1,5 @@
-"""`model.name=tests.workers.slow_eval_model:build`: dtrain's default MLP whose first eval pass is slow.
+"""`model.name=tests.workers.slow_eval_model:build`: dtrain's default MLP whose first eval pass after training
+started is slow (not the set-up check's eval-mode forward, which comes before any training step).
 
 The weights are exactly those of `model.name=mlp` (the same layers built in
 the same order after dtrain seeds torch), so runs with and without the delay
@@ -26,9 +27,11 @@ class SlowFirstEval(nn.Module):
         self.inner = inner
         self.sleep_s = sleep_s
         self.slept = False
+        self.trained = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not self.slept:
+        self.trained = self.trained or self.training
+        if not self.training and self.trained and not self.slept:
             self.slept = True
             time.sleep(self.sleep_s)
         return self.inner(x)

@@ -1,0 +1,188 @@
+"""train.on_nonfinite: a NaN at a known step stops every rank there, is skipped, or is ignored.
+
+The model (tests/workers/nan_model.py) returns NaN at step K on one rank only; every
+step sees the whole 64-sample set on 2 ranks, so the references are plain PyTorch
+full-batch loops written here: the same SGD, taking or leaving out step K.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+from torch import nn
+
+from dtrain import checkpoint
+from dtrain.config import load_config
+from dtrain.errors import DTrainError
+from dtrain.run import train
+from helpers import dtrain, records
+from workers import nan_model
+
+NAN_STEP = 5
+STEPS = 8
+LR, MOMENTUM = 0.5, 0.9
+
+
+def _args(out: Path, mode: str, *extra: str, nproc: int = 2) -> list[str]:
+    return ["model.name=tests.workers.nan_model:build", "data.name=tests.workers.nan_model:data",
+            f"data.batch_size={nan_model.SAMPLES // nproc}", f"train.epochs={STEPS}", f"optim.lr={LR}", f"optim.momentum={MOMENTUM}",
+            "log.progress=none", f"train.on_nonfinite={mode}", f"output_dir={out}", *extra]
+
+
+def _reference(steps: int, skip: Optional[int] = None, optimizer: str = "sgd") -> dict[str, torch.Tensor]:
+    """Plain PyTorch: seed, build, full-batch steps; step `skip` computes its gradient and is not taken."""
+    x, y = nan_model.tensors()
+    torch.manual_seed(0)  # train.seed: dtrain seeds right before building the model
+    model = nn.Linear(nan_model.FEATURES, nan_model.CLASSES)
+    opt = (torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=LR))
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step != skip:
+            opt.step()
+    return {f"linear.{k}": v for k, v in model.state_dict().items()}
+
+
+def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_stop_names_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """NaN on rank 1 at step 5; logs at 4 and 8, checkpoints every 3: the save due at step 6 must not happen."""
+    out = tmp_path / "run"
+    res = dtrain(2, _args(out, "stop", "log.every_steps=4", "checkpoint.every_steps=3"),
+                 env={nan_model.NAN_AT_ENV: str(NAN_STEP), nan_model.NAN_RANK_ENV: "1"}, check=False)
+    assert res.returncode != 0
+    logged = records(out, "train")
+    assert [r["step"] for r in logged] == [4] and math.isfinite(logged[0]["loss"])
+    # one line per rank (they share stderr, so they may run together), each naming the first step
+    message = (f"the loss or gradient is not finite since step {NAN_STEP} (seen at the check of step 6); the last "
+               f"finite train loss logged was {logged[0]['loss']:.6g} at step 4; stopped without writing weights "
+               "or a checkpoint (train.on_nonfinite=stop)")
+    assert res.stderr.count("dtrain: error") == 2, res.stderr
+    assert f"dtrain: error: {message}" in res.stderr and f"dtrain: error (rank 1): {message}" in res.stderr, res.stderr
+    assert not (out / "model.pt").exists()
+    assert not (out / "checkpoints" / "finished.json").exists()
+    (kept,) = checkpoint.committed(str(out))
+    assert kept.step == 3
+    weights = checkpoint.load(kept.path)["train"]["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    _assert_close(weights, _reference(3))
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_skip_leaves_out_exactly_that_step_on_every_rank(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = dtrain(2, _args(out, "skip", "log.every_steps=4"),
+                 env={nan_model.NAN_AT_ENV: str(NAN_STEP), nan_model.NAN_RANK_ENV: "1"})
+    assert res.returncode == 0
+    _assert_close(torch.load(out / "model.pt"), _reference(STEPS, skip=NAN_STEP))
+    logged = records(out, "train")
+    assert [(r["step"], r["skipped_steps"], r["samples"]) for r in logged] == [(4, 0, 256), (8, 1, 192)]
+    assert all(math.isfinite(r["loss"]) for r in logged)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_ignore_trains_on_through_the_nan(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    dtrain(2, _args(out, "ignore", "log.every_steps=4"),
+           env={nan_model.NAN_AT_ENV: str(NAN_STEP), nan_model.NAN_RANK_ENV: "1"})
+    weights = torch.load(out / "model.pt")
+    assert all(torch.isnan(w).all() for w in weights.values())
+    assert [r["loss"] is None for r in records(out, "train")] == [False, True]
+
+
+def test_without_a_nan_every_mode_trains_like_the_reference(tmp_path: Path) -> None:
+    """The reference loop is right (and the guard changes nothing) when nothing goes wrong."""
+    for mode in ("stop", "skip"):
+        result = train(load_config(None, _args(tmp_path / mode, mode, "log.every_steps=3", nproc=1)), environ={})
+        _assert_close({k: v for k, v in result.loop.module.state_dict().items()}, _reference(STEPS))
+
+
+def test_skip_of_the_first_adam_step_leaves_no_optimizer_state(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adam creates its state in the first step: skipped there, it must be as if that step never was."""
+    monkeypatch.setenv(nan_model.NAN_AT_ENV, "1")
+    result = train(load_config(None, _args(tmp_path / "run", "skip", "optim.name=adam",
+                                           "log.every_steps=2", nproc=1)), environ={})
+    _assert_close(dict(result.loop.module.state_dict()), _reference(STEPS, skip=1, optimizer="adam"))
+    steps = {int(s["step"]) for s in result.loop.optimizer.state_dict()["state"].values()}
+    assert steps == {STEPS - 1}
+
+
+def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN from step 2 on: steps 2, 3, 4 are skipped, and the check at step 4 stops the run."""
+    monkeypatch.setenv(nan_model.NAN_AT_ENV, "2")
+    monkeypatch.setenv(nan_model.NAN_LAST_ENV, "99")
+    out = tmp_path / "run"
+    with pytest.raises(DTrainError) as info:
+        train(load_config(None, _args(out, "skip", "log.every_steps=4", "train.max_skipped_steps=3", nproc=1)),
+              environ={})
+    assert str(info.value).startswith("3 steps in a row had a non-finite gradient and were skipped (seen at the "
+                                      "check of step 4)"), info.value
+    assert str(info.value).endswith("(train.max_skipped_steps=3)")
+    assert not (out / "model.pt").exists() and not checkpoint.committed(str(out))
+    assert [(r["step"], r["skipped_steps"], r["samples"]) for r in records(out, "train")] == [(4, 3, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_watching_costs_no_host_sync_per_step(mode: str) -> None:
+    """CUDA's sync debug mode warns on every device-to-host sync: none inside train_step with a guard."""
+    import warnings
+
+    from dtrain.data import build_datasets, build_loaders
+    from dtrain.dist import distributed
+    from dtrain.env import LaunchInfo
+    from dtrain.meters import Meter
+    from dtrain.models import build_model
+    from dtrain.nonfinite import NonFiniteGuard
+    from dtrain.run import build_loop
+    from dtrain.step import epoch_windows, train_step
+    from dtrain.task import build_task
+
+    cfg = load_config(None, ["data.name=synthetic", "train.grad_accum_steps=2"])
+    with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
+        data = build_datasets(cfg.data, 0)
+        loaders = build_loaders(data, cfg.data, 0, ds)
+        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
+        loaders.train_sampler.set_epoch(0)
+        windows = list(epoch_windows(loaders.train, loaders.train_shard, 2))
+        meter, guard = Meter(ds.device), NonFiniteGuard(mode, 10, ds.device)
+        task = build_task("cross_entropy", [], "input", "target")
+        train_step(loop, task, windows[0], meter, guard)  # first step: optimizer state is created
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for window in windows[1:6]:
+                    train_step(loop, task, window, meter, guard)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.parametrize("clip, named", [(None, NAN_STEP + 1), (1e9, NAN_STEP)], ids=["loss-only", "clip-norm"])
+def test_stop_on_a_nan_gradient_with_a_finite_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   clip: Optional[float], named: int) -> None:
+    """stop reads the loss (and the norm clipping computes): a NaN gradient alone shows in the next step's loss."""
+    monkeypatch.setenv(nan_model.NAN_AT_ENV, str(NAN_STEP))
+    monkeypatch.setenv(nan_model.NAN_GRAD_ENV, "1")
+    extra = [f"train.grad_clip={clip}"] if clip else []
+    with pytest.raises(DTrainError, match=rf"not finite since step {named} \(seen at the check of step 8\)"):
+        train(load_config(None, _args(tmp_path / "run", "stop", "log.every_steps=8", *extra, nproc=1)), environ={})
+    assert not (tmp_path / "run" / "model.pt").exists()

@@ -53,9 +53,10 @@ def test_a_killed_rank_ends_the_job_and_the_survivor_says_so_in_one_line(tmp_pat
 def test_a_rank_that_raises_keeps_its_traceback_and_the_report_ends_with_dtrains_line(tmp_path: Path) -> None:
     res = dtrain(2, ["data.name=synthetic", "data.train_size=256", "data.batch_size=16", "log.progress=none",
                      "model.name=tests.workers.failing_model:build", f"output_dir={tmp_path}/run"],
-                 env={"DTRAIN_TEST_FAIL_RANK": "1", "DTRAIN_TEST_FAIL_AT_FORWARD": "4"}, check=False, timeout=120)
+                 env={"DTRAIN_TEST_FAIL_RANK": "1", "DTRAIN_TEST_FAIL_AT_FORWARD": "5"}, check=False, timeout=120)
     assert res.returncode != 0
-    failed = "dtrain: error: rank 1 in step 4 failed: RuntimeError: failing_model: deliberate failure on forward call 4"
+    # Forward call 1 is set-up's first-batch check (dtrain/preflight.py); call 5 is step 4's.
+    failed = "dtrain: error: rank 1 in step 4 failed: RuntimeError: failing_model: deliberate failure on forward call 5"
     assert failed in _dtrain_lines(res.stderr), res.stderr
     assert failed in _report_root_cause(res.stderr)  # the last line a user reads
     # The user's bug keeps its traceback (once); the survivor prints one line and no gloo traceback.

@@ -19,7 +19,7 @@ from dtrain import yamlfile
 from dtrain.errors import ConfigError
 
 INT64 = (-(2**63), 2**63 - 1)
-MISSING = "???"  # omegaconf.MISSING: a field with no default that the user must set
+MISSING = "???"  # a field with no default that the user must set (the value OmegaConf used for it)
 
 
 def show(value: Any) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from dtrain.dist import resolve_device
 from dtrain.env import detect_launch
 from dtrain.errors import DTrainError
+from helpers import worker
 
 
 def _gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
@@ -35,3 +38,17 @@ def test_unknown_local_rank_is_fine_where_there_is_no_choice(monkeypatch: pytest
                                                              expected: torch.device) -> None:
     _gpus(monkeypatch, count)
     assert resolve_device("auto", None) == expected
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_ranks_agree_on_a_flag_at_the_same_step_with_a_round_every_fifth_of_a_second() -> None:
+    res = worker(2, "agreement.py")
+    out = sorted((json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")), key=lambda o: o["rank"])
+    assert [o["rank"] for o in out] == [0, 1]
+    assert out[0]["seen_at"] == out[1]["seen_at"] is not None  # the same step on both ranks
+    # 10 ms steps: about 20 steps a round, so the flag comes back within ~2 rounds of step 57,
+    # and 200 steps take far fewer than 200 rounds.
+    assert 57 < out[0]["seen_at"] <= 57 + 2 * 100
+    assert out[0]["rounds"] == out[1]["rounds"] < 40, out
+    print(f"flag raised at step 57 on rank 1, agreed at step {out[0]['seen_at']}; {out[0]['rounds']} rounds")

@@ -24,6 +24,7 @@ from dtrain.loggers import MultiLogger, Record
 from dtrain.meters import Meter, Timer
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
+from dtrain.startup import process_start
 from dtrain.state import TrainState
 from dtrain.step import epoch_windows, train_step
 from dtrain.task import Task
@@ -80,12 +81,16 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
     result: Optional[dict[str, float]] = None
     last_save = time.monotonic()
     agreement = LaggedAgreement(state.dist)
+    started = False
+    startup_s: Optional[float] = None  # launch to the end of the first step; in the next train record
     state.model.train()
 
     def log_window() -> None:
         extra = grad_norm.reshape(1) if grad_norm is not None else None
+        nonlocal startup_s
         vals = meter.take(0, state.dist, extra)  # the one collective, and the one host sync
-        elapsed = max(time.perf_counter() - timer.start, 1e-12)
+        compile_s = state.compile_watch.take()  # torch.compile's time is not step time
+        elapsed = max(time.perf_counter() - timer.start - compile_s, 1e-12)
         values: dict[str, float] = {"loss": vals[0] / vals[1], "samples": int(vals[1]), "lr": lr}
         if grad_norm is not None:
             values["grad_norm"] = vals[2]
@@ -96,6 +101,10 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             values["peak_memory_gb"] = torch.cuda.max_memory_allocated(state.dist.device) / 2**30
         if state.precision.scaler is not None:
             values["skipped_steps"] = state.skipped_steps
+        if state.compile_watch.enabled:
+            values["compile_s"], values["compiles"] = compile_s, state.compile_watch.count
+        if startup_s is not None:
+            values["startup_s"], startup_s = startup_s, None
         record = Record("train", state.step, state.epoch + 1, values)
         logger.log(record)
         progress.show(record)
@@ -134,6 +143,8 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         for window in epoch_windows(loaders.train, loaders.train_shard, k, timer, start):
             lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
             grad_norm = train_step(state, task, window, meter)
+            if not started:
+                started, startup_s = True, time.time() - process_start()
             state.window_in_epoch += 1
             timer.steps += 1
             progress.step(state.epoch + 1)
@@ -156,7 +167,8 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         logger.log(Record("train_epoch", state.step, state.epoch + 1,
                           {"loss": epoch_sum / epoch_count, "samples": int(epoch_count)}))
         if loaders.eval is not None:
-            result = evaluate(state, task, loaders.eval)
+            with state.compile_watch.paused():
+                result = evaluate(state, task, loaders.eval)
             record = Record("eval", state.step, state.epoch + 1, result)
             logger.log(record)
             progress.show(record)

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain import checkpoint
 from dtrain.checkpoint import mark_finished, write_atomic
+from dtrain.compiling import CompileWatch, compile_in_place
 from dtrain.config import Config, DistConfig, to_dict, to_yaml
 from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
@@ -82,10 +83,11 @@ def wrap(cfg: Config, dist_state: DistState, parts: Parts, total_steps: int,
          precision_name: Optional[str] = None) -> TrainState:
     """DDP around the model (its construction broadcasts rank 0's weights), schedule and precision."""
     precision = build_precision(precision_name or cfg.train.precision, dist_state.device)
+    watch = compile_in_place(parts.model) if cfg.train.compile else CompileWatch()
     ddp = wrap_ddp(parts.model, cfg.dist, dist_state.device)
     scheduler = build_scheduler(cfg.sched, parts.optimizer, cfg.optim.lr, total_steps)
     return TrainState(ddp, parts.optimizer, scheduler, precision, dist_state, cfg.train.grad_accum_steps,
-                      cfg.train.grad_clip)
+                      cfg.train.grad_clip, compile_watch=watch)
 
 
 class _StaticGraphDDP(DDP):

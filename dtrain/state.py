@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dtrain.compiling import CompileWatch
 from dtrain.dist import DistState
 from dtrain.precision import Precision
 
@@ -32,6 +33,8 @@ class TrainState:
     """Optimizer steps taken in the current epoch: where a resumed run picks the epoch up."""
     skipped_steps: int = 0
     """fp16 steps whose gradients overflowed; the scaler skipped them and the schedule did not advance."""
+    compile_watch: CompileWatch = field(default_factory=CompileWatch)
+    """Counts and times torch.compile's work (train.compile); inert otherwise."""
 
     @property
     def module(self) -> nn.Module:

@@ -7,6 +7,7 @@ over the index list of a stock `DistributedSampler`, cut at the resume start.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +150,31 @@ def test_device_resident() -> None:
     with pytest.raises(ConfigError, match="config key 'data.device_resident' has value True; allowed: false with "
                                           "data.fast_path=false"):
         load_config(None, ["data.device_resident=true", "data.fast_path=false"])
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_decoded_vision_batches_equal_torchvisions_own_items(name: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """dtrain's MNIST/FashionMNIST/CIFAR-10 take the fast path; a batch equals torchvision's ToTensor + Normalize
+    items, collated, bit for bit."""
+    torchvision = pytest.importorskip("torchvision")
+    from torch.utils.data import default_collate
+    from torchvision import transforms
+
+    from dtrain.data import build_datasets
+    from test_vision import STATS, write
+
+    write(name, tmp_path, monkeypatch)
+    data = build_datasets(DataConfig(name=name, root=str(tmp_path)), seed=0)
+    mean, std = STATS[name]
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    for train, ours in ((True, data.train), (False, data.eval)):
+        theirs = cls(str(tmp_path), train=train, transform=tf)
+        idx = torch.randperm(len(theirs), generator=torch.Generator().manual_seed(0))[:13]
+        want = default_collate([theirs[i] for i in idx.tolist()])
+        _same([ours.get_batch(idx)], [want])
+        _same([default_collate([ours[i] for i in idx.tolist()])], [want])  # the DataLoader path, too
+    loaders = build_loaders(data, DataConfig(batch_size=8), seed=3, dist_state=_state(0, 2))
+    assert loaders.fast_path and isinstance(loaders.eval, TensorBatches)

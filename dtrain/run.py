@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain import checkpoint
 from dtrain.checkpoint import mark_finished, write_atomic
 from dtrain.compiling import CompileWatch, compile_in_place
-from dtrain.config import Config, DistConfig, to_dict, to_yaml
+from dtrain.config import Config, to_dict, to_yaml
+from dtrain.ddp import wrap_ddp
 from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, fit, steps_per_epoch
@@ -81,52 +81,14 @@ def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> P
 
 def wrap(cfg: Config, dist_state: DistState, parts: Parts, total_steps: int,
          precision_name: Optional[str] = None) -> TrainState:
-    """DDP around the model (its construction broadcasts rank 0's weights), schedule and precision."""
+    """DDP around the model (its construction broadcasts rank 0's weights; none for one process), schedule and
+    precision."""
     precision = build_precision(precision_name or cfg.train.precision, dist_state.device)
     watch = compile_in_place(parts.model) if cfg.train.compile else CompileWatch()
-    ddp = wrap_ddp(parts.model, cfg.dist, dist_state.device)
+    ddp = wrap_ddp(parts.model, cfg.dist, dist_state.device, dist_state.world_size)
     scheduler = build_scheduler(cfg.sched, parts.optimizer, cfg.optim.lr, total_steps)
     return TrainState(ddp, parts.optimizer, scheduler, precision, dist_state, cfg.train.grad_accum_steps,
                       cfg.train.grad_clip, compile_watch=watch)
-
-
-class _StaticGraphDDP(DDP):
-    """DDP(static_graph=True) whose first backward always synchronises.
-
-    DDP records the static graph in its first backward and fails an internal
-    assert when that one runs under no_sync (the first micro-step of an
-    accumulation window). Reducing that micro-step's gradients early is exact:
-    the average is linear, and once averaged they are equal on every rank, so
-    the window's last all-reduce averages them to themselves. It costs one
-    extra all-reduce, once per run.
-    """
-
-    recorded = False
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.recorded = True
-        return super().forward(*args, **kwargs)
-
-    def no_sync(self) -> Any:
-        return super().no_sync() if self.recorded else nullcontext()
-
-
-def wrap_ddp(model: torch.nn.Module, cfg: DistConfig, device: torch.device) -> DDP:
-    """DDP with the dist.* knobs (see their fields in dtrain/config.py)."""
-    kwargs: dict[str, Any] = {}
-    if cfg.bucket_cap_mb is not None:
-        kwargs["bucket_cap_mb"] = cfg.bucket_cap_mb
-    # gradient_as_bucket_view: the .grad tensors are views into DDP's buckets, so the all-reduce
-    # needs no copy in or out and the gradients take no second copy of memory.
-    cls = _StaticGraphDDP if cfg.static_graph else DDP
-    ddp = cls(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-              static_graph=cfg.static_graph, find_unused_parameters=cfg.find_unused_parameters, **kwargs)
-    if cfg.grad_compression != "none":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        hook = default_hooks.bf16_compress_hook if cfg.grad_compression == "bf16" else default_hooks.fp16_compress_hook
-        ddp.register_comm_hook(None, hook)  # None: the default process group
-    return ddp
 
 
 def build_loop(cfg: Config, dist_state: DistState, model: torch.nn.Module, total_steps: int,

@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.compiling import CompileWatch
+from dtrain.ddp import Wrapped
 from dtrain.dist import DistState
 from dtrain.precision import Precision
 
@@ -18,7 +18,8 @@ from dtrain.precision import Precision
 class TrainState:
     """The model, its optimizer, schedule and precision, and the counters; `state_dict()` captures all of it."""
 
-    model: DDP
+    model: Wrapped
+    """DDP around the model, or dtrain.ddp.Alone for one process."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
@@ -38,7 +39,7 @@ class TrainState:
 
     @property
     def module(self) -> nn.Module:
-        """The user's model, unwrapped from DDP."""
+        """The user's model, unwrapped."""
         return self.model.module
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import nn
 from dtrain.config import load_config
 from dtrain.dist import distributed
 from dtrain.env import detect_launch
-from dtrain.run import wrap_ddp
+from dtrain.ddp import wrap_ddp
 
 KNOBS = [[], ["dist.bucket_cap_mb=0.5"], ["dist.static_graph=true"], ["dist.find_unused_parameters=true"],
          ["dist.grad_compression=bf16"], ["dist.grad_compression=fp16"]]
@@ -36,7 +36,7 @@ def main() -> None:
     with distributed(detect_launch(os.environ), "gloo", "cpu") as ds:
         report = {}
         for extra in KNOBS:
-            ddp = wrap_ddp(model(), load_config(None, extra).dist, ds.device)
+            ddp = wrap_ddp(model(), load_config(None, extra).dist, ds.device, ds.world_size)
             hook = ddp._get_ddp_logging_data().get("comm_hook")
             report[" ".join(extra) or "default"] = {
                 "bucket_bytes_cap": ddp.bucket_bytes_cap, "static_graph": ddp.static_graph,
@@ -53,7 +53,8 @@ def main() -> None:
             halves.append(flat_grad(ref).tolist())
         grads = {}
         for compression in ("none", "bf16", "fp16"):
-            ddp = wrap_ddp(model(), load_config(None, [f"dist.grad_compression={compression}"]).dist, ds.device)
+            cfg = load_config(None, [f"dist.grad_compression={compression}"])
+            ddp = wrap_ddp(model(), cfg.dist, ds.device, ds.world_size)
             sl = slice(ds.rank * 32, (ds.rank + 1) * 32)
             F.cross_entropy(ddp(x[sl]), y[sl]).backward()  # DDP averages the ranks' gradients
             grads[compression] = flat_grad(ddp.module).tolist()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -98,7 +99,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default="mlp,cnn")
     parser.add_argument("--json", help="also write every measurement here")
+    parser.add_argument("--report", help="print the tables of an earlier --json file instead of running")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report({(w, int(p), int(k), name): v for key, v in saved.items()
+                for w, p, k, name in [key.split(" ", 3)]}, "(from " + args.report + ")")
+        return
     windows = QUICK_WINDOWS if args.quick else WINDOWS
     samples: dict[tuple[str, int, int, str], list[dict[str, float]]] = {}
     started = time.monotonic()
@@ -128,7 +135,13 @@ def report(samples: dict[tuple[str, int, int, str], list[dict[str, float]]], whe
         runs = samples.get(key)
         return statistics.median(r[field] for r in runs) if runs else float("nan")
 
-    print(f"\nMachine: {where}. Medians of {len(next(iter(samples.values())))} interleaved runs; samples/s.\n")
+    def ratio(a: tuple[str, int, int, str], b: tuple[str, int, int, str], times: float = 1.0) -> float:
+        """The median of the repeats' own ratios: a slow spell of the machine hits both runs of a repeat."""
+        pairs = zip(samples.get(a, []), samples.get(b, []))
+        return statistics.median([x["samples_per_s"] / (times * y["samples_per_s"]) for x, y in pairs] or [math.nan])
+
+    print(f"\nMachine: {where}. Samples/s: medians of {len(next(iter(samples.values())))} interleaved runs; "
+          "ratios: medians of each repeat's own ratio.\n")
     print("| model | procs | K | dtrain | hand-written | Accelerate | dtrain / hand | dtrain / Accelerate | "
           "dtrain / floor | data wait dtrain / hand / Acc. |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -139,11 +152,15 @@ def report(samples: dict[tuple[str, int, int, str], list[dict[str, float]]], whe
                 names = ["dtrain"] + (["dtrain bf16"] if (workload, world, k, "dtrain bf16") in samples else [])
                 for name in names:
                     d, h, a = (med((workload, world, k, n)) for n in (name, "hand", "accelerate"))
+                    mine = (workload, world, k, name)
+                    vs_hand = ratio(mine, (workload, world, k, "hand"))
+                    vs_acc = ratio(mine, (workload, world, k, "accelerate"))
+                    vs_floor = ratio(mine, (workload, 1, 1, "floor"), world)
                     label = "dtrain" if name == "dtrain" else "dtrain, grad_compression=bf16"
                     waits = " / ".join(f"{med((workload, world, k, n), 'data_fraction'):.1%}"
                                        for n in (name, "hand", "accelerate"))
                     print(f"| {workload} | {world} | {k} | {d:,.0f}{'' if name == 'dtrain' else ' (bf16)'} | "
-                          f"{h:,.0f} | {a:,.0f} | {d / h:.2f} | {d / a:.2f} | {d / (world * floor):.2f} | "
+                          f"{h:,.0f} | {a:,.0f} | {vs_hand:.2f} | {vs_acc:.2f} | {vs_floor:.2f} | "
                           f"{waits} |")
         print(f"| {workload} | 1 | floor | {floor:,.0f} | | | | | 1.00 | |")
     print("\nScaling efficiency, 2 processes over twice 1 process (samples/s):\n")

@@ -27,6 +27,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip", "ignore")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
+GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGXCPU")
 # Kept here, not imported from dtrain.task/models, so that loading a config imports no torch.
 LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits")
@@ -57,7 +58,17 @@ class DataConfig:
     eval_batch_size: int = 256
     """Samples per process per eval batch."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (unused on the fast path, which needs none)."""
+    fast_path: bool = True
+    """Data held in tensors (digits, synthetic, a user TensorDataset or a Subset of one, or a dataset with
+    get_batch(indices); see dtrain/batches.py) is batched by one index_select per batch instead of a
+    DataLoader's per-sample __getitem__ and collate: the same batches bit for bit, in the sampler's order, at
+    a fraction of the host time (it matters for small models, whose step is short). Anything else (transforms,
+    images decoded per sample, dicts) always takes the DataLoader. false: always the DataLoader."""
+    device_resident: bool = False
+    """Fast path only: copy the whole data set to the GPU once, so batches are taken there and no step waits on
+    a host-to-device copy. Helps when the data fits in GPU memory next to the model; on CPU it changes nothing
+    (the data is already where the model is). Needs a TensorDataset (or a Subset of one) and fast_path=true."""
     train_size: int = 1000
     """synthetic only: number of training samples."""
     eval_size: int = 200
@@ -171,10 +182,17 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """With on_nonfinite=skip: stop (as stop does, with the weights of before the skips) once this many steps
     in a row were skipped."""
+    compile: bool = False
+    """torch.compile the model (inductor; on CPU it needs a C++ compiler). Pays off for long runs of models
+    whose step is many small kernels (fused on GPU, vectorised on CPU); the first steps and the first batch of
+    a new size (the short last one, eval's) compile instead, reported as compile_s and compiles in the train
+    records and left out of step_time_s. Losses match eager up to float rounding."""
 
 
 @dataclass
 class DistConfig:
+    """One process is not wrapped in DDP at all (dtrain/ddp.py): the DDP knobs below apply from 2 processes."""
+
     backend: str = "auto"
     """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
     timeout_s: int = 600
@@ -184,6 +202,26 @@ class DistConfig:
     start_timeout_s: int = 300
     """Start-up timeout: how long the ranks wait for each other to arrive (every process started,
     MASTER_ADDR:MASTER_PORT reachable) before the job fails naming the ranks that did not come."""
+    bucket_cap_mb: Optional[float] = None
+    """DDP gradient bucket size in MiB; unset: DDP's default (25). Larger buckets mean fewer, bigger all-reduces
+    (helps where each collective has a high fixed cost: gloo, slow links, many small parameters); smaller ones
+    start communicating earlier in the backward pass (more overlap on fast links)."""
+    static_graph: bool = False
+    """Promise DDP that every step uses the same parameters in the same order (no data-dependent branches):
+    after the first step it orders its buckets by when gradients are really ready and skips per-step
+    bookkeeping. Helps models whose gradients arrive in another order than their parameters are declared; it
+    also makes find_unused_parameters cheap. Wrong for models that skip layers depending on the input."""
+    grad_compression: str = "none"
+    """none | bf16 | fp16: all-reduce gradients in 16 bits (DDP's built-in compression hooks) and cast them
+    back, halving the bytes sent. Helps when the all-reduce is bandwidth-bound (large models, slow links,
+    gloo over TCP); costs two casts per bucket and rounds each gradient to 8 (bf16) or 11 (fp16) significant
+    bits. fp16 keeps more digits but overflows above 65504 (after dividing by the world size); bf16 never
+    overflows. Both work on gloo and NCCL."""
+    find_unused_parameters: bool = False
+    """Let DDP find parameters that get no gradient in a step (a branch not taken, an unused head), which
+    DDP otherwise waits on forever (an error at the next step). Needed only for such models; it costs a walk
+    of the autograd graph every step (much less with static_graph=true). Frozen parameters (model.freeze)
+    need no flag."""
 
 
 @dataclass
@@ -367,6 +405,8 @@ def validate(cfg: Config) -> None:
     _check(d.eval_size >= 1, "data.eval_size", d.eval_size, "an integer >= 1")
     _check(d.num_features >= 1, "data.num_features", d.num_features, "an integer >= 1")
     _check(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")
+    _check(d.fast_path or not d.device_resident, "data.device_resident", d.device_resident,
+           "false with data.fast_path=false (device-resident data is read by the fast path)")
 
     _check(m.name in ("mlp", "cnn") or ":" in m.name, "model.name", m.name,
            "mlp | cnn | a factory 'package.module:function'")
@@ -432,6 +472,9 @@ def validate(cfg: Config) -> None:
     _choice("dist.backend", cfg.dist.backend, BACKENDS)
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "an integer >= 1")
     _check(cfg.dist.start_timeout_s >= 1, "dist.start_timeout_s", cfg.dist.start_timeout_s, "an integer >= 1")
+    _check(cfg.dist.bucket_cap_mb is None or (cfg.dist.bucket_cap_mb > 0 and math.isfinite(cfg.dist.bucket_cap_mb)),
+           "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, "a number of MiB > 0, or null for DDP's default (25)")
+    _choice("dist.grad_compression", cfg.dist.grad_compression, GRAD_COMPRESSIONS)
 
     _check(lg.every_steps >= 1, "log.every_steps", lg.every_steps, "an integer >= 1")
     _choice("log.progress", lg.progress, ("auto", "bar", "lines", "none"))
@@ -460,7 +503,9 @@ def validate(cfg: Config) -> None:
 # Keys a resumed run may change: they leave its math as it was. Every other key must equal the
 # checkpoint's; the per-process batch and accumulation may change only with the same global batch.
 RESUME_FREE = ("data.root", "data.download", "data.num_workers", "data.eval_batch_size", "data.batch_size",
-               "train.grad_accum_steps", "train.device", "train.save_model", "dist.", "log.", "lr_find.",
+               "data.fast_path", "data.device_resident",
+               "train.grad_accum_steps", "train.device", "train.save_model", "train.on_nonfinite",
+               "train.max_skipped_steps", "dist.", "log.", "lr_find.",
                "checkpoint.", "output_dir", "overwrite", "resume")
 
 

@@ -10,6 +10,10 @@ the step leaves them out, so no sample counts twice.
 Evaluation uses `ShardSampler`, which never pads: `DistributedSampler` repeats
 samples to even out the ranks, and those repeats would be counted twice in
 the eval loss and accuracy.
+
+Data held in tensors (a TensorDataset) skips the DataLoader: `TensorBatches`
+(dtrain/batches.py) takes each batch of the same sampler with one indexing,
+bit-identical to the DataLoader's batches.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Iterator, Optional, Sized, cast
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
+from dtrain.batches import TensorBatches, batched_source
 from dtrain.config import DataConfig
 from dtrain.dist import DistState
 from dtrain.errors import DTrainError
@@ -266,13 +271,31 @@ def _delayed_exit(signum: int, frame: Any) -> None:
 
 @dataclass
 class Loaders:
-    train: DataLoader
+    train: Any
+    """A DataLoader, or a TensorBatches (the in-memory fast path) that iterates alike."""
     train_sampler: TrainSampler
     train_shard: TrainShard
-    eval: Optional[DataLoader]
-    """None when the run has no eval set."""
+    eval: Optional[Any]
+    """None when the run has no eval set; else a DataLoader or a TensorBatches."""
     workers_rng: torch.Generator
     """Seeds the train loader's workers; part of this rank's random state in a checkpoint."""
+
+    @property
+    def fast_path(self) -> bool:
+        return isinstance(self.train, TensorBatches)
+
+
+def _fast_source(ds: Dataset, cfg: DataConfig, device: torch.device, role: str) -> Optional[Any]:
+    """What the fast path reads `ds` through, or None for the DataLoader path (see dtrain/batches.py)."""
+    if not cfg.fast_path:
+        return None
+    source = batched_source(ds)
+    if not cfg.device_resident:
+        return source
+    if not hasattr(source, "to"):
+        raise DTrainError(f"data.device_resident=true needs {role} data that is a TensorDataset (or a Subset of "
+                          f"one); the {role} dataset is a {type(ds).__name__}: set data.device_resident=false")
+    return source.to(device)  # on CPU the data is already where the model is: nothing moves
 
 
 def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState,
@@ -288,15 +311,26 @@ def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     # differ between ranks and repeat run after run.
     workers_rng = torch.Generator().manual_seed(rank_seed(seed, dist_state.rank, dist_state.world_size))
     init = functools.partial(_worker_signals, tuple(worker_ignores)) if worker_ignores and cfg.num_workers else None
-    train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
-                       num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent,
-                       generator=workers_rng, worker_init_fn=init)
-    # Its own generator too: without one, its first iterator (at the first eval) would draw
-    # the workers' seed from the global RNG, which a resumed run would then draw again.
-    eval_rng = torch.Generator().manual_seed(rank_seed(seed + 1, dist_state.rank, dist_state.world_size))
-    eval_ = None if data.eval is None else DataLoader(
-        data.eval, batch_size=cfg.eval_batch_size,
-        sampler=ShardSampler(data.eval, dist_state.rank, dist_state.world_size),
-        num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent, generator=eval_rng,
-        worker_init_fn=init)
+    device = dist_state.device if cfg.device_resident else None
+    source = _fast_source(data.train, cfg, dist_state.device, "train")
+    train: Any
+    if source is not None:
+        train = TensorBatches(source, sampler, cfg.batch_size, device)
+    else:
+        train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+                           num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent,
+                           generator=workers_rng, worker_init_fn=init)
+    eval_: Optional[Any] = None
+    if data.eval is not None:
+        eval_sampler = ShardSampler(data.eval, dist_state.rank, dist_state.world_size)
+        eval_source = _fast_source(data.eval, cfg, dist_state.device, "eval")
+        if eval_source is not None:
+            eval_ = TensorBatches(eval_source, eval_sampler, cfg.eval_batch_size, device)
+        else:
+            # Its own generator too: without one, its first iterator (at the first eval) would draw
+            # the workers' seed from the global RNG, which a resumed run would then draw again.
+            eval_rng = torch.Generator().manual_seed(rank_seed(seed + 1, dist_state.rank, dist_state.world_size))
+            eval_ = DataLoader(data.eval, batch_size=cfg.eval_batch_size, sampler=eval_sampler,
+                               num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=persistent,
+                               generator=eval_rng, worker_init_fn=init)
     return Loaders(train, sampler, shard, eval_, workers_rng)

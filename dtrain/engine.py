@@ -25,6 +25,7 @@ from dtrain.meters import Meter, Timer
 from dtrain.nonfinite import NonFiniteGuard
 from dtrain.preempt import StopSignals
 from dtrain.progress import Progress
+from dtrain.startup import process_start
 from dtrain.state import TrainState
 from dtrain.step import epoch_windows, train_step
 from dtrain.task import Task
@@ -84,6 +85,8 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
     result: Optional[dict[str, float]] = None
     last_save = time.monotonic()
     agreement = LaggedAgreement(state.dist)
+    started = False
+    startup_s: Optional[float] = None  # launch to the end of the first step; in the next train record
     state.model.train()
     watch = guard if guard is not None and guard.active else None
 
@@ -104,11 +107,13 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         return error
 
     def log_window() -> None:
+        nonlocal startup_s
         extra = grad_norm.reshape(1) if grad_norm is not None else None
         # The one collective, and the one host sync: the checks' flags ride along.
         vals = meter.take(0, state.dist, extra, alarms())
         error = settle(vals.pop(2), vals.pop(2))
-        elapsed = max(time.perf_counter() - timer.start, 1e-12)
+        compile_s = state.compile_watch.take()  # torch.compile's time is not step time
+        elapsed = max(time.perf_counter() - timer.start - compile_s, 1e-12)
         loss = vals[0] / vals[1] if vals[1] else math.nan  # every step of the window skipped
         values: dict[str, float] = {"loss": loss, "samples": int(vals[1]), "lr": lr}
         if grad_norm is not None:
@@ -120,6 +125,10 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             values["peak_memory_gb"] = torch.cuda.max_memory_allocated(state.dist.device) / 2**30
         if state.precision.scaler is not None or (watch is not None and watch.skips):
             values["skipped_steps"] = state.skipped_steps
+        if state.compile_watch.enabled:
+            values["compile_s"], values["compiles"] = compile_s, state.compile_watch.count
+        if startup_s is not None:
+            values["startup_s"], startup_s = startup_s, None
         record = Record("train", state.step, state.epoch + 1, values)
         logger.log(record)
         progress.show(record)
@@ -173,6 +182,8 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         for window in epoch_windows(loaders.train, loaders.train_shard, k, timer, start):
             lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
             grad_norm = train_step(state, task, window, meter, watch)
+            if not started:
+                started, startup_s = True, time.time() - process_start()
             state.window_in_epoch += 1
             timer.steps += 1
             progress.step(state.epoch + 1)
@@ -196,7 +207,8 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
                           {"loss": epoch_sum / epoch_count if epoch_count else math.nan,
                            "samples": int(epoch_count)}))
         if loaders.eval is not None:
-            result = evaluate(state, task, loaders.eval)
+            with state.compile_watch.paused():
+                result = evaluate(state, task, loaders.eval)
             record = Record("eval", state.step, state.epoch + 1, result)
             logger.log(record)
             progress.show(record)

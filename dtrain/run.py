@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain import checkpoint
 from dtrain.checkpoint import mark_finished, write_atomic
+from dtrain.compiling import CompileWatch, compile_in_place
 from dtrain.config import Config, to_dict, to_yaml
+from dtrain.ddp import wrap_ddp
 from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
 from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, fit, steps_per_epoch
@@ -83,13 +84,14 @@ def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> P
 
 def wrap(cfg: Config, dist_state: DistState, parts: Parts, total_steps: int,
          precision_name: Optional[str] = None) -> TrainState:
-    """DDP around the model (its construction broadcasts rank 0's weights), schedule and precision."""
+    """DDP around the model (its construction broadcasts rank 0's weights; none for one process), schedule and
+    precision."""
     precision = build_precision(precision_name or cfg.train.precision, dist_state.device)
-    device_ids = [dist_state.device.index] if dist_state.device.type == "cuda" else None
-    ddp = DDP(parts.model, device_ids=device_ids)
+    watch = compile_in_place(parts.model) if cfg.train.compile else CompileWatch()
+    ddp = wrap_ddp(parts.model, cfg.dist, dist_state.device, dist_state.world_size)
     scheduler = build_scheduler(cfg.sched, parts.optimizer, cfg.optim.lr, total_steps)
     return TrainState(ddp, parts.optimizer, scheduler, precision, dist_state, cfg.train.grad_accum_steps,
-                      cfg.train.grad_clip)
+                      cfg.train.grad_clip, compile_watch=watch)
 
 
 def build_loop(cfg: Config, dist_state: DistState, model: torch.nn.Module, total_steps: int,

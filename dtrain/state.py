@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dtrain.compiling import CompileWatch
+from dtrain.ddp import Wrapped
 from dtrain.dist import DistState
 from dtrain.precision import Precision
 
@@ -17,7 +18,8 @@ from dtrain.precision import Precision
 class TrainState:
     """The model, its optimizer, schedule and precision, and the counters; `state_dict()` captures all of it."""
 
-    model: DDP
+    model: Wrapped
+    """DDP around the model, or dtrain.ddp.Alone for one process."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
@@ -32,10 +34,12 @@ class TrainState:
     """Optimizer steps taken in the current epoch: where a resumed run picks the epoch up."""
     skipped_steps: int = 0
     """fp16 steps whose gradients overflowed; the scaler skipped them and the schedule did not advance."""
+    compile_watch: CompileWatch = field(default_factory=CompileWatch)
+    """Counts and times torch.compile's work (train.compile); inert otherwise."""
 
     @property
     def module(self) -> nn.Module:
-        """The user's model, unwrapped from DDP."""
+        """The user's model, unwrapped."""
         return self.model.module
 
     def state_dict(self) -> dict[str, Any]:

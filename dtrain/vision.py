@@ -142,4 +142,15 @@ def vision_datasets(name: str, root: str) -> Datasets:
         # Diagnosed only after torchvision failed, never checked up front:
         # MNIST also loads from the legacy processed/*.pt files without raw/.
         raise DTrainError(_diagnose(spec, cls, where, exc)) from None
-    return Datasets(train_set, eval_set, spec.input_shape, 10)
+    return Datasets(_decoded(train_set, spec), _decoded(eval_set, spec), spec.input_shape, 10)
+
+
+def _decoded(ds: Any, spec: VisionSpec) -> Any:
+    """The images torchvision has decoded, as NormalizedImages: the same samples, and batches for the fast
+    path (dtrain/batches.py)."""
+    import torch
+
+    from dtrain.batches import NormalizedImages
+
+    return NormalizedImages(torch.as_tensor(ds.data), torch.as_tensor(ds.targets), spec.mean, spec.std,
+                            list(ds.classes))

@@ -116,7 +116,9 @@ def _assert_each_step_once_and_same_as(ref: Path, run: Path, rel: float) -> None
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("extra", [["data.num_workers=2"], ["train.precision=bf16"]], ids=["workers2", "bf16"])
+# workers2 keeps the DataLoader (synthetic data would take the fast path, which has no workers).
+@pytest.mark.parametrize("extra", [["data.num_workers=2", "data.fast_path=false"], ["train.precision=bf16"]],
+                         ids=["workers2", "bf16"])
 def test_kill_9_at_random_points_then_rerun_gives_bitwise_the_same_weights(tmp_path: Path, extra: list[str]) -> None:
     """The whole job is SIGKILLed at random points (inside accumulation windows, half-way through a
     checkpoint file), then the same command is run again, until it finishes."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -10,9 +11,9 @@ from dtrain.data import ShardSampler, build_loaders, digits, synthetic
 from dtrain.dist import DistState
 
 
-def _global_batches(world_size: int, batch: int, epoch: int, n: int = 96) -> list[list[int]]:
+def _global_batches(world_size: int, batch: int, epoch: int, n: int = 96, fast: bool = True) -> list[list[int]]:
     """Labels are the sample indices, so each global batch is read back as a set of indices."""
-    cfg = DataConfig(name="synthetic", batch_size=batch)
+    cfg = DataConfig(name="synthetic", batch_size=batch, fast_path=fast)
     data = synthetic(DataConfig(name="synthetic", train_size=n, eval_size=8), seed=3)
     data = type(data)(TensorDataset(torch.zeros(n, 1), torch.arange(n)), data.eval, (1,), 2)
     per_rank = []
@@ -24,10 +25,11 @@ def _global_batches(world_size: int, batch: int, epoch: int, n: int = 96) -> lis
     return [sorted(sum((r[i] for r in per_rank), [])) for i in range(len(per_rank[0]))]
 
 
-def test_same_global_batches_at_any_world_size() -> None:
-    one = _global_batches(1, 24, epoch=0)
-    assert _global_batches(2, 12, epoch=0) == one
-    assert _global_batches(4, 6, epoch=0) == one
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "dataloader"])
+def test_same_global_batches_at_any_world_size(fast: bool) -> None:
+    one = _global_batches(1, 24, epoch=0, fast=fast)
+    assert _global_batches(2, 12, epoch=0, fast=fast) == one
+    assert _global_batches(4, 6, epoch=0, fast=fast) == one
     # and they are the consecutive slices of torch's seeded permutation (seed + epoch)
     perm = torch.randperm(96, generator=torch.Generator().manual_seed(3)).tolist()
     assert one == [sorted(perm[i:i + 24]) for i in range(0, 96, 24)]

@@ -31,10 +31,10 @@ def _common(n: int) -> list[str]:
             "train.seed=7", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "log.every_steps=1"]
 
 
-def _train(root: Path, n: int, w: int, b: int, k: int) -> Path:
+def _train(root: Path, n: int, w: int, b: int, k: int, extra: tuple[str, ...] = ()) -> Path:
     out = root / f"n{n}_w{w}_b{b}_k{k}"
     dtrain(w if w > 1 else 0, [*_common(n), f"data.batch_size={b}", f"train.grad_accum_steps={k}",
-                               f"output_dir={out}"])
+                               f"output_dir={out}", *extra])
     return out
 
 
@@ -80,3 +80,11 @@ def test_same_losses_and_weights_as_one_big_batch(references: dict[int, Path], t
                                                   w: int, b: int, k: int) -> None:
     worst = _assert_same_run(references[n], _train(tmp_path, n, w, b, k))
     print(f"N={n} W={w} B={b} K={k}: largest relative loss difference {worst:.2e}")
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_the_dataloader_path_trains_like_the_fast_path(references: dict[int, Path], tmp_path: Path) -> None:
+    """The references take the in-memory fast path (the default for synthetic data); the DataLoader must agree."""
+    worst = _assert_same_run(references[1001], _train(tmp_path, 1001, 2, 10, 3, ("data.fast_path=false",)))
+    print(f"DataLoader path, N=1001 W=2 B=10 K=3: largest relative loss difference {worst:.2e}")

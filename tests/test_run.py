@@ -213,7 +213,8 @@ def test_randomness_differs_between_ranks_and_repeats_run_after_run(tmp_path: Pa
     def one(tag: str) -> Path:
         out = tmp_path / tag
         out.mkdir()
-        dtrain(2, ["data.name=synthetic", "data.train_size=200", "data.num_workers=2", "train.epochs=2",
+        dtrain(2, ["data.name=synthetic", "data.train_size=200", "data.num_workers=2", "data.fast_path=false",
+                   "train.epochs=2",
                    "model.name=tests.workers.dropout_model:build", f"output_dir={out / 'run'}"],
                env={"DTRAIN_TEST_RNG_OUT": str(out)})
         return out

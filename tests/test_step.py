@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from dtrain.batches import TensorBatches, batched_source
 from dtrain.data import TrainShard
 from dtrain.step import Window, batch_len, epoch_windows, to_device
 
@@ -18,17 +19,21 @@ GRID = [(n, w, b, k) for n in (1000, 1001, 7, 13) for w, b, k in
         [(1, 60, 1), (3, 20, 1), (3, 10, 2), (4, 15, 1), (2, 10, 3), (4, 1, 1), (4, 2, 3)]]
 
 
-def _windows(n: int, w: int, b: int, k: int, rank: int, epoch: int = 0) -> list[Window]:
+def _windows(n: int, w: int, b: int, k: int, rank: int, epoch: int = 0, fast: bool = False) -> list[Window]:
     # The sample index as the only feature, so a batch reads back which samples it holds.
     data = TensorDataset(torch.arange(n), torch.zeros(n, dtype=torch.long))
     sampler = DistributedSampler(data, num_replicas=w, rank=rank, shuffle=True, seed=5, drop_last=False)
     sampler.set_epoch(epoch)
-    return list(epoch_windows(DataLoader(data, batch_size=b, sampler=sampler), TrainShard(n, rank, w), k))
+    loader = TensorBatches(batched_source(data), sampler, b) if fast else DataLoader(data, batch_size=b,
+                                                                                      sampler=sampler)
+    return list(epoch_windows(loader, TrainShard(n, rank, w), k))
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["dataloader", "fast_path"])
 @pytest.mark.parametrize("n, w, b, k", GRID)
-def test_real_samples_are_each_sample_once_and_the_counts_match_brute_force(n: int, w: int, b: int, k: int) -> None:
-    per_rank = [_windows(n, w, b, k, r) for r in range(w)]
+def test_real_samples_are_each_sample_once_and_the_counts_match_brute_force(n: int, w: int, b: int, k: int,
+                                                                            fast: bool) -> None:
+    per_rank = [_windows(n, w, b, k, r, fast=fast) for r in range(w)]
     assert len({len(ws) for ws in per_rank}) == 1, "every rank takes the same number of optimizer steps"
     g = torch.Generator().manual_seed(5)
     perm = torch.randperm(n, generator=g).tolist()

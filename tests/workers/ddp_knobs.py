@@ -1,0 +1,66 @@
+"""Run under torchrun with 2 ranks: the dist.* knobs on the DDP object, and compressed gradients.
+
+Prints one JSON line on rank 0:
+  "knobs": {override: what the DDP object reports}
+  "grads": {compression: {"ddp": [...], "halves": [[...], [...]]}}: the flat gradient DDP left after one
+  backward of each rank's half of a fixed batch, and the two halves' gradients computed by plain autograd
+  in this one process (each divided by the world size), for the test to compare.
+"""
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtrain.config import load_config
+from dtrain.dist import distributed
+from dtrain.env import detect_launch
+from dtrain.ddp import wrap_ddp
+
+KNOBS = [[], ["dist.bucket_cap_mb=0.5"], ["dist.static_graph=true"], ["dist.find_unused_parameters=true"],
+         ["dist.grad_compression=bf16"], ["dist.grad_compression=fp16"]]
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+
+
+def flat_grad(m: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+
+
+def main() -> None:
+    with distributed(detect_launch(os.environ), "gloo", "cpu") as ds:
+        report = {}
+        for extra in KNOBS:
+            ddp = wrap_ddp(model(), load_config(None, extra).dist, ds.device, ds.world_size)
+            hook = ddp._get_ddp_logging_data().get("comm_hook")
+            report[" ".join(extra) or "default"] = {
+                "bucket_bytes_cap": ddp.bucket_bytes_cap, "static_graph": ddp.static_graph,
+                "gradient_as_bucket_view": ddp.gradient_as_bucket_view,
+                "find_unused_parameters": ddp.find_unused_parameters, "comm_hook": hook}
+
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 20, generator=g) * 3, torch.randint(0, 5, (64,), generator=g)
+        halves = []
+        for r in range(ds.world_size):  # the reference: plain autograd, no DDP, one process
+            ref = model()
+            sl = slice(r * 32, (r + 1) * 32)
+            (F.cross_entropy(ref(x[sl]), y[sl]) / ds.world_size).backward()
+            halves.append(flat_grad(ref).tolist())
+        grads = {}
+        for compression in ("none", "bf16", "fp16"):
+            cfg = load_config(None, [f"dist.grad_compression={compression}"])
+            ddp = wrap_ddp(model(), cfg.dist, ds.device, ds.world_size)
+            sl = slice(ds.rank * 32, (ds.rank + 1) * 32)
+            F.cross_entropy(ddp(x[sl]), y[sl]).backward()  # DDP averages the ranks' gradients
+            grads[compression] = flat_grad(ddp.module).tolist()
+        if ds.is_main:
+            print(json.dumps({"knobs": report, "grads": grads, "halves": halves}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

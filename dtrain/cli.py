@@ -67,6 +67,10 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
         if rank == "0" or not (isinstance(exc, ConfigError) or getattr(exc, SAID_BY_RANK_0, False)):
             prefix = f"{prog}: error" if rank == "0" else f"{prog}: error (rank {rank})"
             print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
+            if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+                from dtrain.faults import write_error_file  # no torch: faults imports it lazily
+
+                write_error_file(f"{prefix}: {exc}", lost_peer=False)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

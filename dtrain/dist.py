@@ -212,7 +212,7 @@ ARRIVED = "dtrain/arrived"
 FAILED = "dtrain/failed"
 
 
-def _rendezvous(launch: LaunchInfo, start_timeout_s: int) -> Any:
+def _rendezvous(launch: LaunchInfo, start_timeout_s: int, step_timeout_s: int) -> Any:
     """A TCPStore on rank 0 that every rank joins, or one line naming who did not come.
 
     torch's own tcp:// start waits for the store's clients until the collective timeout and then
@@ -254,8 +254,11 @@ def _rendezvous(launch: LaunchInfo, start_timeout_s: int) -> Any:
                 f"dist.start_timeout_s={start_timeout_s} s; missing: rank {', '.join(map(str, missing))} "
                 f"(WORLD_SIZE={launch.world_size}: start every rank, or raise dist.start_timeout_s if they start "
                 "late)")
-        time.sleep(0.05)
+        time.sleep(0.2)
         arrived = store.add(ARRIVED, 0)
+    # From here on the store serves the process group's own set-up and dtrain's heartbeats:
+    # its waits follow the step timeout, not the start-up one.
+    store.set_timeout(datetime.timedelta(seconds=step_timeout_s))
     return store
 
 
@@ -276,19 +279,29 @@ class PeerWatch:
         self._thread.start()
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
                 self.store.set(f"dtrain/step/{self.rank}", str(self.step_of()))
                 self.store.add(f"dtrain/beat/{self.rank}", 1)
-            except Exception:  # noqa: BLE001 - the store is gone (rank 0 exited): nothing to publish to
-                return
+                failures = 0
+            except Exception:  # noqa: BLE001
+                failures += 1
+                if failures >= 5:  # the store is gone (rank 0 exited): nothing to publish to
+                    return
             self._stop.wait(self.interval_s)
 
     def close(self) -> None:
+        """Stop publishing and let go of the store: rank 0's store server must not outlive the run
+        (a second run in the same process binds MASTER_PORT again)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self.store = None
+        self.step_of = lambda: 0
 
     def _get(self, key: str) -> Optional[str]:
+        if self.store is None:
+            return None
         try:
             return self.store.get(key).decode() if self.store.check([key]) else None
         except Exception:  # noqa: BLE001 - best effort: the store may be what failed
@@ -319,6 +332,8 @@ class PeerWatch:
         return blame
 
     def announce_failure(self, line: str) -> None:
+        if self.store is None:
+            return
         try:
             if not self.store.check([FAILED]):
                 self.store.set(FAILED, line)
@@ -369,7 +384,7 @@ def distributed(launch: LaunchInfo, backend: str = "auto", device: str = "auto",
         # waited for every rank.
         kwargs["init_method"] = "env://"
     else:
-        kwargs["store"] = _rendezvous(launch, start_timeout_s)
+        kwargs["store"] = _rendezvous(launch, start_timeout_s, timeout_s)
     dist.init_process_group(**kwargs)
     watch: Optional[PeerWatch] = None
     ds: Optional[DistState] = None

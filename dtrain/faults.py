@@ -79,15 +79,21 @@ def report(exc: BaseException, prog: str, timeout_s: Optional[int] = None) -> No
     if not comm:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    write_error_file(f"{prog}: error: {line}", lost_peer=comm)
+
+
+def write_error_file(line: str, lost_peer: bool) -> None:
+    """Under torchrun: `line` as this rank's entry in torchrun's closing report.
+
+    torchrun names as the root cause the error file with the earliest timestamp; a rank that only
+    lost a peer must not outrank the one that failed, so its time is pushed back."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        # torchrun names as the root cause the error file with the earliest timestamp; a rank that
-        # only lost a peer must not outrank the one that failed, so its time is pushed back.
-        stamp = int(time.time()) + (2 if comm else 0)
-        data = {"message": {"message": line, "extraInfo": {"py_callstack": f"{prog}: error: {line}",
-                                                            "timestamp": str(stamp)}}}
-        try:
-            with open(error_file, "w") as fh:
-                json.dump(data, fh)
-        except OSError:
-            pass  # the report then lacks our line; the line above is in the log
+    if not error_file:
+        return
+    stamp = int(time.time()) + (2 if lost_peer else 0)
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(stamp)}}}
+    try:
+        with open(error_file, "w") as fh:
+            json.dump(data, fh)
+    except OSError:
+        pass  # the report then lacks our line; the line printed before is in the log

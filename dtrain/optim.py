@@ -73,7 +73,10 @@ def param_groups(cfg: OptimConfig, model: nn.Module) -> tuple[list[dict], list[G
     return torch_groups, infos
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, list[GroupInfo]]:
+def build_optimizer(cfg: OptimConfig, model: nn.Module,
+                    device_steps: bool = False) -> tuple[torch.optim.Optimizer, list[GroupInfo]]:
+    """`device_steps`: keep Adam's step counters beside the parameters (capturable), so that
+    train.on_nonfinite=skip can undo a step on a GPU without reading a flag back each step."""
     groups, infos = param_groups(cfg, model)
     if cfg.name == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -82,7 +85,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> tuple[torch.optim.Opt
     elif cfg.name in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         opt = cls(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                  weight_decay=cfg.weight_decay)
+                  weight_decay=cfg.weight_decay, capturable=device_steps)
     else:  # validate() already refused it; kept for direct callers
         raise ConfigError("optim.name", cfg.name, "sgd | adam | adamw")
     return opt, infos

@@ -16,9 +16,34 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
+
+_PIPES: set[tuple[int, int]] = set()
+"""The wakeup pipes of the StopSignals active in this process."""
+
+
+def _forget_pipes_after_fork() -> None:
+    """In a forked child (a DataLoader worker, a user's Pool): a signal to the child must not be
+    written into the parent's wakeup pipe, where the parent's monitor would take it for its own."""
+    if not _PIPES:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from a thread other than the main one: no wakeup fd to clear there
+        pass
+    for pipe in list(_PIPES):
+        for fd in pipe:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _PIPES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pipes_after_fork)
 
 TERMINATING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 REPEAT_MEANS_NOW_S = 3.0
@@ -59,6 +84,19 @@ class StopSignals:
         self._monitor: Optional[threading.Thread] = None
         self._pipe: Optional[tuple[int, int]] = None
         self._old_wakeup = -1
+        self._busy = 0
+        self._gave_up_at: Optional[float] = None
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around work every rank does together that may keep some of them waiting in native code
+        for long (a checkpoint save: rank 0 writes, the others wait in a broadcast): a SIGTERM
+        then waits for it, within grace_s, instead of counting as blocked after BLOCKED_S."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
 
     def acknowledge(self) -> None:
         """The ranks met at a step boundary and agreed to save: no deadline any more."""
@@ -66,6 +104,7 @@ class StopSignals:
 
     def _give_up(self, why: str) -> None:
         self._giving_up = True
+        self._gave_up_at = time.monotonic()
         print(f"dtrain: {why}; stopping without a checkpoint", file=sys.stderr, flush=True)
         # A real SIGINT to the main thread: it also wakes a sleep or a blocking read there, which
         # _thread.interrupt_main() would not. Its default handler raises KeyboardInterrupt.
@@ -81,6 +120,7 @@ class StopSignals:
             r, w = os.pipe()
             os.set_blocking(w, False)
             self._pipe = (r, w)
+            _PIPES.add(self._pipe)
             self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             self._monitor = threading.Thread(target=self._watch, args=(r,), name="dtrain-stop-signals", daemon=True)
             self._monitor.start()
@@ -93,8 +133,10 @@ class StopSignals:
             self._monitor.join(timeout=5)
             signal.set_wakeup_fd(self._old_wakeup)
         if self._pipe is not None:
-            for fd in self._pipe:
-                os.close(fd)
+            _PIPES.discard(self._pipe)
+            if self._monitor is None or not self._monitor.is_alive():  # never close an fd a thread still reads
+                for fd in self._pipe:
+                    os.close(fd)
             self._pipe = None
         for signum, previous in self._previous.items():
             # None: a handler set outside Python; the default is the closest we can restore.
@@ -113,24 +155,34 @@ class StopSignals:
                 for signum in data:
                     if signum in terminating and self._term is None:
                         self._term = (signum, time.monotonic())
-            if self._term is None or self._acknowledged or self._giving_up:
+            if self._term is None or self._acknowledged:
                 continue
             signum, at = self._term
             name = signal.Signals(signum).name
-            waited = time.monotonic() - at
-            if self.received is None and waited > BLOCKED_S:
-                line = (f"{name} arrived {BLOCKED_S:g} s ago while this rank waited inside a collective or other "
-                        "native call (a stalled or dead peer?) that has not returned")
-                if self.peers is not None:
-                    self.peers.announce_failure(f"a rank exited on {name} while blocked")
-                who = f" rank {self.peers.rank}:" if self.peers is not None else ""
-                print(f"dtrain:{who} {line}; exiting without a checkpoint", file=sys.stderr, flush=True)
-                os._exit(128 + signum)
+            now = time.monotonic()
+            if self._gave_up_at is not None:
+                # The SIGINT of _give_up cannot land while the main thread is inside a collective.
+                if now - self._gave_up_at > BLOCKED_S:
+                    self._exit_blocked(name, signum, f"{BLOCKED_S:g} s after giving up, this rank is still inside a "
+                                                     "collective or other native call")
+                continue
+            waited = now - at
+            if self.received is None and waited > BLOCKED_S and not self._busy:
+                self._exit_blocked(name, signum, f"{name} arrived {BLOCKED_S:g} s ago while this rank waited inside "
+                                                 "a collective or other native call (a stalled or dead peer?) that "
+                                                 "has not returned")
             failure = self.peers.failure() if self.peers is not None else None
             if failure is not None:
                 self._give_up(f"{failure}, so no step boundary will come")
             elif waited > self.grace_s:
                 self._give_up(f"no step boundary reached within {self.grace_s:g} s of {name} (is a peer gone?)")
+
+    def _exit_blocked(self, name: str, signum: int, line: str) -> None:
+        if self.peers is not None:
+            self.peers.announce_failure(f"a rank exited on {name} while blocked")
+        who = f" rank {self.peers.rank}:" if self.peers is not None else ""
+        print(f"dtrain:{who} {line}; exiting without a checkpoint", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name

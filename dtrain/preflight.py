@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import traceback
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def _why(exc: BaseException) -> str:
 
 
 def check_first_batch(model: nn.Module, task: Task, data: Datasets, device: torch.device, model_label: str,
-                      batch_size: int) -> None:
+                      batch_size: int, autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
     """Raise a one-line DTrainError if `model` and `task` cannot train on `data`'s first `batch_size` samples."""
     n = min(batch_size, len(data.train))  # type: ignore[arg-type]
     if n == 0:
@@ -53,7 +54,7 @@ def check_first_batch(model: nn.Module, task: Task, data: Datasets, device: torc
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():  # as training runs it: a bf16 model needs bf16 autocast
             try:
                 out = model(x)
             except DTrainError:

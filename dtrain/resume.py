@@ -240,6 +240,10 @@ class Saver:
         self.signals, self.run_id, self.say = signals, run_id, say
 
     def save(self, state: TrainState, meter: Meter) -> None:
+        with self.signals.busy():  # ranks wait in collectives while rank 0 writes: not "blocked"
+            self._save(state, meter)
+
+    def _save(self, state: TrainState, meter: Meter) -> None:
         started = time.perf_counter()
         meters = meter.global_state(self.ds)  # collective: every rank is here
         mine = rng_state(self.loaders.workers_rng)

@@ -78,7 +78,9 @@ def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> P
                           "nothing to train")
     model = model.to(dist_state.device)
     # Parameter-group errors surface before DDP's first broadcast of the weights.
-    optimizer, infos = build_optimizer(cfg.optim, model)
+    # on_nonfinite=skip undoes a step on the device; Adam's CPU step counter would need a host read.
+    device_steps = cfg.train.on_nonfinite == "skip" and dist_state.device.type == "cuda"
+    optimizer, infos = build_optimizer(cfg.optim, model, device_steps)
     return Parts(model, optimizer, infos)
 
 
@@ -190,7 +192,8 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
             data = describe(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
             loaders = build_loaders(data, cfg.data, cfg.train.seed, ds, tuple(cfg.checkpoint.signals))
             parts = build_parts(cfg, ds, _model(cfg, given, data))
-            check_first_batch(parts.model, task, data, ds.device, _model_label(cfg, given), cfg.data.batch_size)
+            check_first_batch(parts.model, task, data, ds.device, _model_label(cfg, given), cfg.data.batch_size,
+                              build_precision(cfg.train.precision, ds.device).autocast)
         except Exception as exc:
             error = exc
         ds.check_all(error, "during set-up")

@@ -241,3 +241,17 @@ def test_api_without_eval_data_trains_without_eval(tmp_path: Path) -> None:
 def test_importing_dtrain_imports_no_torch() -> None:
     res = run([sys.executable, "-c", "import sys, dtrain; dtrain.load_config; print('torch' in sys.modules)"])
     assert res.stdout.strip() == "False", res.stderr
+
+
+def test_a_bf16_model_trains_under_bf16_autocast_past_the_first_batch_check(tmp_path: Path) -> None:
+    """The set-up check runs the model as training will (under train.precision's autocast): a model
+    kept in bf16 is fine with precision=bf16, though float32 inputs could not go through it bare."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(8, 2).to(torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        model(x)  # float32 inputs into bf16 weights, without autocast
+    result = dtrain.train(model=model, train_data=TensorDataset(x, y), loss=nn.CrossEntropyLoss(),
+                          overrides=["train.epochs=1", "train.precision=bf16", "log.progress=none",
+                                     f"output_dir={tmp_path}"])
+    assert result.model.weight.dtype == torch.bfloat16

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -164,3 +165,107 @@ def test_an_error_every_rank_sees_is_printed_once(tmp_path: Path) -> None:
     assert _dtrain_lines(res.stderr) == ["dtrain: error: config key 'model.name' has value "
                                          "'tests.workers.nothere:build'; cannot import 'tests.workers.nothere': "
                                          "No module named 'tests.workers.nothere'"], res.stderr
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtrain", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end and proc.poll() is None, f"never saw {path}"
+        time.sleep(0.05)
+
+
+def test_sigterm_during_a_long_checkpoint_save_still_saves_and_stops(tmp_path: Path) -> None:
+    """Rank 0 writes a checkpoint for 10 s while rank 1 waits in its collectives: not "blocked"."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start(["data.name=synthetic", "data.train_size=256", "data.batch_size=16", "log.progress=none",
+                   "checkpoint.every_steps=5", "model.name=tests.workers.slow_save_model:build",
+                   f"output_dir={tmp_path}/run"], {"DTRAIN_TEST_PID_DIR": str(pids), "DTRAIN_TEST_SLOW_SAVE_S": "10"})
+    try:
+        _wait_for(pids / "saving", proc)
+        time.sleep(1)
+        for rank in (0, 1):
+            os.kill(int((pids / f"pid_rank{rank}.txt").read_text()), signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in out and "while this rank waited inside" not in err, err
+    from dtrain import checkpoint
+
+    assert [c.step for c in checkpoint.committed(str(tmp_path / "run"))][-1] > 5  # the stop's own checkpoint
+
+
+def test_a_rank_that_gave_up_but_is_stuck_in_a_collective_still_exits(tmp_path: Path) -> None:
+    """SIGTERM lands while rank 0 runs Python (its handler runs), then rank 0 waits in a collective for
+    rank 1, asleep for 120 s: after checkpoint.stop_grace_s its KeyboardInterrupt cannot land there."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start([*ARGS, "dist.timeout_s=300", "checkpoint.stop_grace_s=2", f"output_dir={tmp_path}/run"],
+                  {"DTRAIN_TEST_STALL_S": "120", "DTRAIN_TEST_PAUSE_RANK0_S": "2", "DTRAIN_TEST_PID_DIR": str(pids)})
+    try:
+        _wait_for(pids / "paused_rank0", proc)
+        sent = time.monotonic()
+        os.kill(int((pids / "pid_rank0.txt").read_text()), signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "no step boundary reached within 2 s of SIGTERM" in err, err
+    assert "s after giving up, this rank is still inside a collective" in err, err
+    assert took < 20, f"{took:.1f} s"
+
+
+def test_a_forked_child_signalled_does_not_stop_its_parent(tmp_path: Path) -> None:
+    """A child forked while StopSignals is active (a DataLoader worker, a user's Pool) that gets a
+    SIGTERM must not look like one to the parent's monitor."""
+    code = textwrap.dedent("""
+        import multiprocessing as mp, os, signal, sys, time
+        from dtrain.preempt import BLOCKED_S, StopSignals
+
+        def child():
+            signal.signal(signal.SIGTERM, lambda *a: None)  # a Python handler, as DataLoader workers have
+            time.sleep(30)
+
+        with StopSignals(["SIGTERM"], grace_s=60):
+            p = mp.get_context("fork").Process(target=child)
+            p.start()
+            time.sleep(0.5)
+            os.kill(p.pid, signal.SIGTERM)
+            time.sleep(BLOCKED_S + 2)
+            p.kill()
+        print("parent alive")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "parent alive" in res.stdout, res.stderr
+
+
+def test_the_peer_watch_lets_go_of_the_store() -> None:
+    """Rank 0's store server must not outlive a run: a second run in the process binds the port again."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from dtrain.dist import PeerWatch
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))
+    watch = PeerWatch(store, 0, 1, interval_s=0.05)
+    time.sleep(0.2)
+    assert watch._get("dtrain/beat/0") is not None  # it published
+    watch.close()
+    del store
+    import gc
+
+    gc.collect()
+    again = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))  # the port is free
+    again.set("x", "1")

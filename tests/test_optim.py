@@ -367,3 +367,13 @@ def test_loop_state_round_trips(tmp_path: Path) -> None:
             assert torch.equal(a, b), name
         sa, sb = loop.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
         assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_skip_mode_keeps_adams_step_counter_beside_the_parameters(name: str) -> None:
+    """train.on_nonfinite=skip on a GPU asks for capturable Adam: its step counter lives on the device,
+    so undoing a step needs no read of a flag back to the host (dtrain/nonfinite.py)."""
+    cfg = load_config(None, [f"optim.name={name}"]).optim
+    model = torch.nn.Linear(3, 2)
+    assert build_optimizer(cfg, model, device_steps=True)[0].defaults["capturable"] is True
+    assert build_optimizer(cfg, model)[0].defaults["capturable"] is False

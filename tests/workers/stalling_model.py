@@ -28,10 +28,18 @@ class StallingMLP(nn.Module):
         self.at = int(os.environ.get("DTRAIN_TEST_STALL_AT", "3")) if me else -1
         self.sleep_s = float(os.environ.get("DTRAIN_TEST_STALL_S", "60"))
         self.die = os.environ.get("DTRAIN_TEST_DIE") == "1"
+        # Rank 0 too may pause at the same forward (in Python, where a signal handler runs), leaving
+        # DTRAIN_TEST_PID_DIR/paused_rank0 while it does.
+        self.pause_s = float(os.environ.get("DTRAIN_TEST_PAUSE_RANK0_S", "0")) if os.environ.get("RANK") == "0" else 0.0
+        self.pause_at = int(os.environ.get("DTRAIN_TEST_STALL_AT", "3"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.calls += 1
+            if self.pause_s and self.calls == self.pause_at:
+                marker = Path(os.environ["DTRAIN_TEST_PID_DIR"]) / "paused_rank0"
+                marker.write_text("1")
+                time.sleep(self.pause_s)
             if self.calls == self.at:
                 if self.die:
                     os.kill(os.getpid(), signal.SIGKILL)

@@ -69,10 +69,12 @@ def check_first_batch(model: nn.Module, task: Task, data: Datasets, device: torc
                 raise DTrainError(f"{model_label}: the model returned outputs {_shape(out)} for a batch of {n}; "
                                   "expected the batch first, [batch, ...]")
             classes = data.num_classes
-            if task.loss_name in CLASS_LOSSES and classes is not None and out.dim() >= 2 and out.shape[1] != classes:
+            # Fewer outputs than classes cannot train (a label indexes past the logits); more can: the
+            # class count may be inferred from the labels present, and a user may size a head on purpose.
+            if task.loss_name in CLASS_LOSSES and classes is not None and out.dim() >= 2 and out.shape[1] < classes:
                 raise DTrainError(f"{model_label}: the model gives {out.shape[1]} outputs per sample (outputs "
                                   f"{_shape(out)}), but the data has {classes} classes; expected outputs "
-                                  f"[batch, {classes}] for {loss_label}")
+                                  f"[batch, {classes}] (or more) for {loss_label}")
             try:
                 values = task.loss(out.float() if out.is_floating_point() else out, y)
             except DTrainError as exc:

@@ -65,6 +65,7 @@ EXPECTED_NAMES = {
     ("train", "samples_per_s"): "train/samples_per_s",
     ("train", "step_time_s"): "train/step_time_s",
     ("train", "data_time_fraction"): "train/data_time_fraction",
+    ("train", "startup_s"): "train/startup_s",
     ("train_epoch", "loss"): "train/epoch_loss",
     ("eval", "loss"): "eval/loss",
     ("eval", "accuracy"): "eval/accuracy",

@@ -353,7 +353,7 @@ def test_a_run_into_an_empty_or_new_directory_marks_it_and_a_failed_one_leaves_n
 @pytest.mark.parametrize("args, says", [
     (["model.name=tests.workers.bad_factories:too_few_classes"],
      "model.name=tests.workers.bad_factories:too_few_classes: the model gives 9 outputs per sample (outputs (32, 9)), "
-     "but the data has 10 classes; expected outputs [batch, 10] for loss.name=cross_entropy"),
+     "but the data has 10 classes; expected outputs [batch, 10] (or more) for loss.name=cross_entropy"),
     (["model.name=tests.workers.bad_factories:one_output", "data.name=tests.workers.bad_factories:regression_data",
       "loss.name=mse"],
      "loss.name=mse: the model's outputs (32, 1) float32 and the targets (32,) float32 must have the same shape "

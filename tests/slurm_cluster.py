@@ -53,28 +53,46 @@ def _node_name() -> str:
     raise RuntimeError("neither this host's name nor localhost resolves")
 
 
+HOSTS = Path("/etc/hosts")
+
+
+def _hosts_mark(root: Path) -> str:
+    return f"# dtrain slurm tests: {root}"
+
+
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 4, kill_wait_s: int = 5) -> None:
+    """`nodes=1`: one node named after this host. `nodes=2`: two emulated nodes, dtrain-n1 and
+    dtrain-n2, both on 127.0.0.1, made resolvable by a marked line in /etc/hosts that stop()
+    takes out again (jobs use the first node's name as the master address)."""
+
+    def __init__(self, root: Path, cpus: int = 4, kill_wait_s: int = 5, nodes: int = 1) -> None:
         self.root = root
-        self.node = _node_name()
+        self.names = [_node_name()] if nodes == 1 else [f"dtrain-n{i}" for i in range(1, nodes + 1)]
+        self.node = self.names[0]
         self.conf = root / "etc" / "slurm.conf"
         self.cpus = cpus
         self.kill_wait_s = kill_wait_s
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 60) -> None:
-        for sub in ("etc", "state", f"spool/{self.node}", "log", "run"):
+        for sub in ("etc", "state", "log", "run", *(f"spool/{n}" for n in self.names)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        ctld_port, slurmd_port = _free_ports(2)
+        if len(self.names) > 1:
+            with HOSTS.open("a") as fh:  # appended in place: /etc/hosts may be a bind mount
+                fh.write(f"127.0.0.1 {' '.join(self.names)} {_hosts_mark(self.root)}\n")
+        ctld_port, *slurmd_ports = _free_ports(1 + len(self.names))
         mem = max(1024, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2)
         r = self.root
+        nodes = "\n".join(f"NodeName={n} NodeHostname={socket.gethostname().split('.')[0]} NodeAddr=127.0.0.1 "
+                          f"Port={p} CPUs={self.cpus} RealMemory={mem // len(self.names)} State=UNKNOWN"
+                          for n, p in zip(self.names, slurmd_ports))
+        all_nodes = ",".join(self.names)
         # The node advertises more CPUs than the machine has (2 in CI) so that a 2-task job
         # with --cpus-per-task=2 fits; nothing is pinned (task/none), so this only affects scheduling.
         self.conf.write_text(f"""\
 ClusterName=dtraintest
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={socket.gethostname().split(".")[0]}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
@@ -103,13 +121,14 @@ MinJobAge=600
 DebugFlags=NO_CONF_HASH
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
-PartitionName=high Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+{nodes}
+PartitionName=debug Nodes={all_nodes} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=high Nodes={all_nodes} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """)
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env())
         self._wait(lambda: " is UP" in self._out(["scontrol", "ping"]), timeout, "slurmctld up")
-        subprocess.run(["slurmd", "-f", str(self.conf), "-N", self.node], check=True, env=self.env())
+        for name in self.names:
+            subprocess.run(["slurmd", "-f", str(self.conf), "-N", name], check=True, env=self.env())
         # One line per partition the node is in.
         self._wait(lambda: set(self._out(["sinfo", "-h", "-N", "-o", "%T"]).split()) == {"idle"}, timeout,
                    "node idle")
@@ -123,7 +142,8 @@ PartitionName=high Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10 P
                            fail=False)
         except (OSError, subprocess.SubprocessError):
             pass
-        for pid_file in sorted((self.root / "run").glob("*.pid"), key=lambda p: p.name != "slurmd"):
+        self._restore_hosts()
+        for pid_file in sorted((self.root / "run").glob("*.pid"), key=lambda p: p.name.startswith("slurmctld")):
             try:
                 pid = int(pid_file.read_text().strip())
                 os.kill(pid, signal.SIGTERM)
@@ -137,6 +157,15 @@ PartitionName=high Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10 P
                 time.sleep(0.1)
             else:
                 os.kill(pid, signal.SIGKILL)
+
+    def _restore_hosts(self) -> None:
+        mark = _hosts_mark(self.root)
+        try:
+            text = HOSTS.read_text()
+            if mark in text:
+                HOSTS.write_text("".join(ln for ln in text.splitlines(True) if mark not in ln))
+        except OSError:
+            pass
 
     # ------------------------------------------------------------ jobs
     def env(self, extra: Optional[dict[str, str]] = None) -> dict[str, str]:

@@ -15,12 +15,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from dtrain.faults import describe
-from helpers import REPO, child_env, dtrain, free_port
+from helpers import REPO, child_env, dtrain, free_port, srun_like
 
 pytestmark = pytest.mark.multiproc
 
@@ -49,6 +51,19 @@ def test_a_killed_rank_ends_the_job_and_the_survivor_says_so_in_one_line(tmp_pat
     assert "no heartbeat" in line and "[rank0]" not in res.stderr and "pair.cc" not in line
     assert "Signal 9 (SIGKILL)" in _report_root_cause(res.stderr)  # torchrun's report ends naming rank 1's death
     print(f"kill -9 of rank 1: job over {took:.1f} s after launch")
+
+
+def test_under_srun_a_killed_rank_is_one_line_from_the_survivor(tmp_path: Path) -> None:
+    """srun starts the ranks itself (no torchrun to SIGTERM the others): the survivor ends on its own."""
+    started = time.monotonic()
+    results = srun_like(2, [*ARGS, f"output_dir={tmp_path}/run"], env={"DTRAIN_TEST_DIE": "1"}, timeout=120)
+    took = time.monotonic() - started
+    assert results[1].returncode == -signal.SIGKILL
+    assert results[0].returncode == 1
+    (line,) = _dtrain_lines(results[0].stderr)
+    assert line.startswith("dtrain: error: rank 0 in step 3: lost contact with the other ranks (rank 1:"), line
+    assert "no heartbeat" in line and "Traceback" not in results[0].stderr, results[0].stderr
+    print(f"srun, kill -9 of rank 1: rank 0 out {took:.1f} s after launch")
 
 
 def test_a_rank_that_raises_keeps_its_traceback_and_the_report_ends_with_dtrains_line(tmp_path: Path) -> None:
@@ -82,28 +97,46 @@ def test_a_stalled_rank_is_named_after_dist_timeout_s(tmp_path: Path) -> None:
     print(f"stall past dist.timeout_s=4: job over {took:.1f} s after launch")
 
 
-def test_sigterm_while_waiting_in_a_collective_for_a_stalled_peer_ends_the_job_in_seconds(tmp_path: Path) -> None:
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtrain", *ARGS,
-           "dist.timeout_s=300", f"output_dir={tmp_path}/run"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env({"DTRAIN_TEST_STALL_S": "120", "DTRAIN_TEST_PID_DIR": str(pids)}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtrain", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+@contextmanager
+def _killed_at_exit(proc: subprocess.Popen) -> Iterator[None]:
     try:
-        # Rank 1 sleeps in its 3rd forward; rank 0 is then inside the step's all-reduce. Wait for that.
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        end = time.monotonic() + 90
-        while not (pids / "pid_rank0.txt").exists() or not metrics.exists():
-            assert time.monotonic() < end and proc.poll() is None, "the job did not start"
-            time.sleep(0.1)
-        time.sleep(3)
-        sent = time.monotonic()
-        os.kill(int((pids / "pid_rank0.txt").read_text()), signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
+        yield
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end and proc.poll() is None, f"never saw {path}"
+        time.sleep(0.05)
+
+
+def _sigterm_rank0(proc: subprocess.Popen, pids: Path) -> tuple[str, float]:
+    """SIGTERM to rank 0 alone; the job's stderr and the seconds from the signal to the job's end."""
+    sent = time.monotonic()
+    os.kill(int((pids / "pid_rank0.txt").read_text()), signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return err, time.monotonic() - sent
+
+
+def test_sigterm_while_waiting_in_a_collective_for_a_stalled_peer_ends_the_job_in_seconds(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start([*ARGS, "dist.timeout_s=300", f"output_dir={tmp_path}/run"],
+                  {"DTRAIN_TEST_STALL_S": "120", "DTRAIN_TEST_PID_DIR": str(pids)})
+    with _killed_at_exit(proc):
+        # Rank 1 sleeps in its 3rd forward; rank 0 is then inside the step's all-reduce. Wait for that.
+        _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+        time.sleep(3)
+        err, took = _sigterm_rank0(proc, pids)
     assert proc.returncode != 0
     assert "dtrain: rank 0: SIGTERM arrived 5 s ago while this rank waited inside a collective" in err, err
     assert took < 15, f"{took:.1f} s from SIGTERM to the end of the job"
@@ -167,19 +200,6 @@ def test_an_error_every_rank_sees_is_printed_once(tmp_path: Path) -> None:
                                          "No module named 'tests.workers.nothere'"], res.stderr
 
 
-def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtrain", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < end and proc.poll() is None, f"never saw {path}"
-        time.sleep(0.05)
-
-
 def test_sigterm_during_a_long_checkpoint_save_still_saves_and_stops(tmp_path: Path) -> None:
     """Rank 0 writes a checkpoint for 10 s while rank 1 waits in its collectives: not "blocked"."""
     pids = tmp_path / "pids"
@@ -187,15 +207,12 @@ def test_sigterm_during_a_long_checkpoint_save_still_saves_and_stops(tmp_path: P
     proc = _start(["data.name=synthetic", "data.train_size=256", "data.batch_size=16", "log.progress=none",
                    "checkpoint.every_steps=5", "model.name=tests.workers.slow_save_model:build",
                    f"output_dir={tmp_path}/run"], {"DTRAIN_TEST_PID_DIR": str(pids), "DTRAIN_TEST_SLOW_SAVE_S": "10"})
-    try:
+    with _killed_at_exit(proc):
         _wait_for(pids / "saving", proc)
         time.sleep(1)
         for rank in (0, 1):
             os.kill(int((pids / f"pid_rank{rank}.txt").read_text()), signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in out and "while this rank waited inside" not in err, err
     from dtrain import checkpoint
@@ -210,15 +227,9 @@ def test_a_rank_that_gave_up_but_is_stuck_in_a_collective_still_exits(tmp_path: 
     pids.mkdir()
     proc = _start([*ARGS, "dist.timeout_s=300", "checkpoint.stop_grace_s=2", f"output_dir={tmp_path}/run"],
                   {"DTRAIN_TEST_STALL_S": "120", "DTRAIN_TEST_PAUSE_RANK0_S": "2", "DTRAIN_TEST_PID_DIR": str(pids)})
-    try:
+    with _killed_at_exit(proc):
         _wait_for(pids / "paused_rank0", proc)
-        sent = time.monotonic()
-        os.kill(int((pids / "pid_rank0.txt").read_text()), signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        err, took = _sigterm_rank0(proc, pids)
     assert "no step boundary reached within 2 s of SIGTERM" in err, err
     assert "s after giving up, this rank is still inside a collective" in err, err
     assert took < 20, f"{took:.1f} s"

@@ -49,6 +49,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 
 
 @pytest.fixture(scope="module")
+def cluster2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Two emulated nodes on 127.0.0.1 (their names go into /etc/hosts while the cluster runs)."""
+    why = missing() or (None if os.access("/etc/hosts", os.W_OK) else "/etc/hosts is not writable")
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the slurm tests: {why}")
+        pytest.skip(why)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     dtrain(2, [*ARGS, MODEL, f"output_dir={out}"])
@@ -177,4 +193,24 @@ def test_a_users_own_script_is_requeued_by_rank_0(cluster: SlurmCluster, referen
     log = slurm_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
     assert "stopped by SIGUSR1" in log and f"requeued Slurm job {job}" in log, log
+    assert_same_as_reference(run, reference)
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_one_torchrun_each_requeued_resume_to_the_uninterrupted_weights(
+        cluster2: SlurmCluster, reference: Path, tmp_path: Path) -> None:
+    """train_torchrun.sbatch on 2 (emulated) nodes, one torchrun agent and one rank each, meeting at the
+    first node's rendezvous; `scontrol requeue` part-way, and the job comes back and finishes."""
+    env = job_env(cluster2, tmp_path, sleep_s=0.1, extra={"NPROC_PER_NODE": "1"})
+    job = cluster2.sbatch(["--nodes=2", "--cpus-per-task=1", str(REPO / "slurm" / "train_torchrun.sbatch"), *ARGS,
+                           MODEL], env, tmp_path)
+    run, out = tmp_path / "runs" / f"slurm-{job}", tmp_path / f"slurm-{job}.out"
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 15, 120, "15 steps", cluster2,
+             out)
+    cluster2.scontrol("requeue", str(job))
+    info = cluster2.wait_done(job, timeout=200)
+    log = slurm_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
+    assert info["NodeList"] == "dtrain-n[1-2]" and "resuming from" in log, (info, log)
     assert_same_as_reference(run, reference)

@@ -24,13 +24,14 @@ class StallingMLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(width, num_classes)
         self.calls = 0
-        me = os.environ.get("RANK", "0") == os.environ.get("DTRAIN_TEST_STALL_RANK", "1")
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"  # torchrun or srun
+        me = rank == os.environ.get("DTRAIN_TEST_STALL_RANK", "1")
         self.at = int(os.environ.get("DTRAIN_TEST_STALL_AT", "3")) if me else -1
         self.sleep_s = float(os.environ.get("DTRAIN_TEST_STALL_S", "60"))
         self.die = os.environ.get("DTRAIN_TEST_DIE") == "1"
         # Rank 0 too may pause at the same forward (in Python, where a signal handler runs), leaving
         # DTRAIN_TEST_PID_DIR/paused_rank0 while it does.
-        self.pause_s = float(os.environ.get("DTRAIN_TEST_PAUSE_RANK0_S", "0")) if os.environ.get("RANK") == "0" else 0.0
+        self.pause_s = float(os.environ.get("DTRAIN_TEST_PAUSE_RANK0_S", "0")) if rank == "0" else 0.0
         self.pause_at = int(os.environ.get("DTRAIN_TEST_STALL_AT", "3"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -204,7 +204,8 @@ def test_sigterm_during_a_long_checkpoint_save_still_saves_and_stops(tmp_path: P
     """Rank 0 writes a checkpoint for 10 s while rank 1 waits in its collectives: not "blocked"."""
     pids = tmp_path / "pids"
     pids.mkdir()
-    # 20 epochs of 8 steps: the stop, agreed within two rounds (~0.4 s of training), comes long before the end.
+    # 20 epochs of 8 steps of 20 ms: the stop, agreed within two rounds (~0.4 s of training), comes long
+    # before the end.
     proc = _start(["data.name=synthetic", "data.train_size=256", "data.batch_size=16", "log.progress=none",
                    "train.epochs=20", "checkpoint.every_steps=5", "model.name=tests.workers.slow_save_model:build",
                    f"output_dir={tmp_path}/run"], {"DTRAIN_TEST_PID_DIR": str(pids), "DTRAIN_TEST_SLOW_SAVE_S": "10"})

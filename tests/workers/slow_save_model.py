@@ -1,7 +1,7 @@
 """A model factory whose state_dict, on rank 0, sleeps DTRAIN_TEST_SLOW_SAVE_S the first time it is
 taken (the first checkpoint): a save long enough for a signal to land while the other ranks wait in
 the checkpoint's collectives. It leaves DTRAIN_TEST_PID_DIR/saving before sleeping, and every rank
-writes its pid there."""
+writes its pid there. Each training forward takes 20 ms."""
 
 from __future__ import annotations
 
@@ -28,4 +28,10 @@ def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
             time.sleep(float(os.environ.get("DTRAIN_TEST_SLOW_SAVE_S", "10")))
 
     model._register_state_dict_hook(slow)
+
+    def pace(module: nn.Module, args: Any) -> None:
+        if module.training:
+            time.sleep(0.02)  # steps of real length: the stop comes ~0.4 s of training after the signal
+
+    model.register_forward_pre_hook(pace)
     return model

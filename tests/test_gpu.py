@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 import yaml
-
-import warnings
 
 from dtrain.config import load_config
 from dtrain.data import build_datasets, build_loaders
@@ -68,6 +68,33 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
         assert loop.scheduler.last_epoch == 1 and loop.optimizer.param_groups[0]["lr"] == lr_before
 
 
+def _syncs_in_five_steps(overrides: list[str], guard_mode: Optional[str] = None) -> tuple[int, list[str]]:
+    """The step reached and CUDA's sync-debug warnings over steps 2-6 of train_step (the first step
+    is left out: lazy initialisation and optimizer state creation may sync)."""
+    from dtrain.nonfinite import NonFiniteGuard
+
+    cfg = load_config(None, ["data.name=synthetic", "train.grad_accum_steps=2", *overrides])
+    with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
+        data = build_datasets(cfg.data, 0)
+        loaders = build_loaders(data, cfg.data, 0, ds)
+        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
+        loaders.train_sampler.set_epoch(0)
+        windows = list(epoch_windows(loaders.train, loaders.train_shard, 2))
+        meter = Meter(ds.device)
+        guard = NonFiniteGuard(guard_mode, 10, ds.device) if guard_mode else None
+        train_step(loop, CE, windows[0], meter, guard)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for window in windows[1:6]:
+                    train_step(loop, CE, window, meter, guard)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return loop.step, [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("precision, allowed", [("fp32", 0), ("bf16", 0), ("fp16", 1)])
 def test_host_syncs_per_step(precision: str, allowed: int) -> None:
@@ -76,25 +103,15 @@ def test_host_syncs_per_step(precision: str, allowed: int) -> None:
     fp32 and bf16 never sync between logging steps; fp16 reads GradScaler's
     found-inf flag once per optimizer step, and nothing else.
     """
-    cfg = load_config(None, ["data.name=synthetic", f"train.precision={precision}", "train.grad_accum_steps=2",
-                             "train.grad_clip=1.0"])
-    with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
-        data = build_datasets(cfg.data, 0)
-        loaders = build_loaders(data, cfg.data, 0, ds)
-        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
-        loaders.train_sampler.set_epoch(0)
-        windows = list(epoch_windows(loaders.train, loaders.train_shard, 2))
-        meter = Meter(ds.device)
-        train_step(loop, CE, windows[0], meter)  # first step: lazy initialisation may sync
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for window in windows[1:6]:
-                    train_step(loop, CE, window, meter)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        assert loop.step == 6
-        assert len(syncs) <= allowed * 5, [str(w.message) for w in syncs]
+    step, syncs = _syncs_in_five_steps([f"train.precision={precision}", "train.grad_clip=1.0"])
+    assert step == 6
+    assert len(syncs) <= allowed * 5, syncs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode, optim", [("stop", "sgd"), ("skip", "sgd"), ("skip", "adamw")])
+def test_watching_for_nonfinite_costs_no_host_sync_per_step(mode: str, optim: str) -> None:
+    """train.on_nonfinite's guard keeps its flags on the device; with skip, AdamW is built capturable so
+    that undoing a step needs no read of its CPU step counter (dtrain/nonfinite.py)."""
+    step, syncs = _syncs_in_five_steps([f"train.on_nonfinite={mode}", f"optim.name={optim}"], guard_mode=mode)
+    assert step == 6 and not syncs, syncs

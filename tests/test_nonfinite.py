@@ -137,46 +137,6 @@ def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path: Path, monkeypatch
     assert [(r["step"], r["skipped_steps"], r["samples"]) for r in records(out, "train")] == [(4, 3, 64)]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_watching_costs_no_host_sync_per_step(mode: str) -> None:
-    """CUDA's sync debug mode warns on every device-to-host sync: none inside train_step with a guard."""
-    import warnings
-
-    from dtrain.data import build_datasets, build_loaders
-    from dtrain.dist import distributed
-    from dtrain.env import LaunchInfo
-    from dtrain.meters import Meter
-    from dtrain.models import build_model
-    from dtrain.nonfinite import NonFiniteGuard
-    from dtrain.run import build_loop
-    from dtrain.step import epoch_windows, train_step
-    from dtrain.task import build_task
-
-    cfg = load_config(None, ["data.name=synthetic", "train.grad_accum_steps=2"])
-    with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
-        data = build_datasets(cfg.data, 0)
-        loaders = build_loaders(data, cfg.data, 0, ds)
-        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
-        loaders.train_sampler.set_epoch(0)
-        windows = list(epoch_windows(loaders.train, loaders.train_shard, 2))
-        meter, guard = Meter(ds.device), NonFiniteGuard(mode, 10, ds.device)
-        task = build_task("cross_entropy", [], "input", "target")
-        train_step(loop, task, windows[0], meter, guard)  # first step: optimizer state is created
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for window in windows[1:6]:
-                    train_step(loop, task, window, meter, guard)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-
-
 @pytest.mark.parametrize("clip, named", [(None, NAN_STEP + 1), (1e9, NAN_STEP)], ids=["loss-only", "clip-norm"])
 def test_stop_on_a_nan_gradient_with_a_finite_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    clip: Optional[float], named: int) -> None:

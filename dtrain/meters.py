@@ -15,25 +15,40 @@ from dtrain.dist import DistState
 class Meter:
     """Sums of per-sample losses (on the device) and sample counts (on the host).
 
-    Index 0 is the logging window, 1 the epoch. The loss sums stay a device
-    tensor until a logging step reads them, so adding never syncs the host;
-    one in-place add per micro-step serves both. Counts are host integers
-    already, so they cost nothing until they join the logging step's collective.
+    Index 0 is the logging window, 1 the epoch. The loss sums stay on the device
+    until a logging step reads them, so adding never syncs the host. Adding is
+    not even a device op: a micro-step's loss is kept in a list, and the list is
+    summed into both rows in one go when they are read (or every `FOLD_AT`
+    micro-steps, to bound it). On a small model a CPU step is a few ms and each
+    tiny op costs microseconds of dispatch, so this is a measurable share.
+    Counts are host integers already, so they cost nothing until they join the
+    logging step's collective.
     """
 
     device: torch.device
     loss_sums: torch.Tensor = field(init=False)
     counts: list[int] = field(default_factory=lambda: [0, 0])
 
+    FOLD_AT = 512
+
     def __post_init__(self) -> None:
         self.loss_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         # Samples of steps skipped on the device (train.on_nonfinite=skip), known only there.
         self.excluded = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._pending: list[torch.Tensor] = []
 
     def add(self, loss_sum: torch.Tensor, count: int) -> None:
-        self.loss_sums += loss_sum.detach()
+        self._pending.append(loss_sum.detach())
         self.counts[0] += count
         self.counts[1] += count
+        if len(self._pending) >= self.FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        """The pending losses into both rows: a few device ops, no host sync."""
+        if self._pending:
+            self.loss_sums += torch.stack(self._pending).to(torch.float64).sum()
+            self._pending.clear()
 
     def add_unless_skipped(self, loss_sum: torch.Tensor, count: int, ok: torch.Tensor) -> None:
         """A whole step's loss sum and samples, left out where `ok` (a device flag) is false."""
@@ -49,6 +64,7 @@ class Meter:
              summed: Optional[torch.Tensor] = None) -> list[float]:
         """All-reduce one row's [loss_sum, count, *summed] (one collective), reset the row, return
         [loss_sum, count, *summed, *extra] (`extra` as this rank has it)."""
+        self._fold()
         parts = [self.loss_sums[row:row + 1], self._counts(slice(row, row + 1))]
         if summed is not None:
             parts.append(summed.detach().to(torch.float64))
@@ -62,11 +78,13 @@ class Meter:
 
     def global_state(self, dist_state: DistState) -> list[float]:
         """[window sum, window count, epoch sum, epoch count] over all ranks (one collective), for a checkpoint."""
+        self._fold()
         both = torch.stack([self.loss_sums, self._counts(slice(0, 2))], dim=1).reshape(-1)  # sum0, count0, ...
         return dist_state.all_reduce_sum(both).tolist()
 
     def load_global_state(self, values: list[float], is_main: bool) -> None:
         """Rank 0 takes the saved global sums, the others start from zero: the next take() adds them up."""
+        self._pending.clear()
         if is_main:
             self.loss_sums = torch.tensor([values[0], values[2]], dtype=torch.float64, device=self.device)
             self.counts = [int(values[1]), int(values[3])]

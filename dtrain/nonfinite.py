@@ -1,14 +1,15 @@
 """Non-finite losses and gradients (train.on_nonfinite): noticed on the device, acted on at checks.
 
-Each step adds its flags to a few device scalars; nothing is read back until a
-check, which rides on a collective that happens anyway (the logging step's
-all-reduce), or runs before a checkpoint or at the end of training. So `stop`
-learns of a NaN up to `log.every_steps` steps late, when the weights are already
-poisoned: it writes nothing, and names the first non-finite step, which the
-device kept. `skip` cannot wait: it undoes each bad step on the device right away
-(`undo_unless`), deciding on the all-reduced gradient, which DDP makes identical
-on every rank, so every rank skips the same steps without asking the others.
-"""
+Nothing is read back until a check, which rides on a collective that happens
+anyway (the logging step's all-reduce), or runs before a checkpoint or at the
+end of training. `stop` does no device work per step at all: it keeps each
+step's loss tensors (and the clipping norm) in a list and tests them together
+at the check, so it learns of a NaN up to `log.every_steps` steps late, when the
+weights are already poisoned: it writes nothing, and names the first non-finite
+step. `skip` cannot wait: it flags each step in a few device scalars and undoes
+a bad step on the device right away (`undo_unless`), deciding on the all-reduced
+gradient, which DDP makes identical on every rank, so every rank skips the same
+steps without asking the others."""
 
 from __future__ import annotations
 
@@ -46,32 +47,47 @@ class NonFiniteGuard:
         self.last_finite: Optional[tuple[int, float]] = None
         """(step, loss) of the newest logged train loss that a check found finite."""
         self._saved: list[torch.Tensor] = []
+        # stop: this rank's losses (and clipping norms) since the last check, and their steps.
+        self._values: list[torch.Tensor] = []
+        self._steps: list[int] = []
+
+    FOLD_AT = 512
 
     @property
     def active(self) -> bool:
         return self.mode != "ignore"
 
-    @property
-    def needs_grad_norm(self) -> bool:
-        """Whether the step must compute the gradient norm for the guard when clipping does not.
+    def note(self, step: int, losses: list[torch.Tensor], grad_norm: Optional[torch.Tensor]) -> None:
+        """stop (and ignore-like modes): after `step`'s backward passes, keep its micro-step losses (and the
+        clipping norm) for the next check. No device op: the check tests them all at once (`pending`)."""
+        for value in losses if grad_norm is None or not self.check_grads else [*losses, grad_norm]:
+            self._values.append(value)
+            self._steps.append(step)
+        if len(self._values) >= self.FOLD_AT:
+            self._fold()
 
-        Only skip does: it must decide on the gradient before the update. stop makes do with the
-        loss (and the clipping norm when there is one): a gradient that is not finite while its
-        loss is poisons the weights, so the next step's loss shows it, one step later."""
-        return self.skips
+    def _fold(self) -> None:
+        """The kept values into `_first`: their earliest non-finite step. A few device ops, no host sync."""
+        if not self._values:
+            return
+        steps = torch.tensor(self._steps, dtype=torch.float64)
+        if self._first.device.type == "cuda":  # pinned, so the copy does not wait for the device
+            steps = steps.pin_memory().to(self._first.device, non_blocking=True)
+        else:
+            steps = steps.to(self._first.device)
+        bad = torch.where(torch.isfinite(torch.stack(self._values)), math.inf, steps).min()
+        torch.minimum(self._first, bad, out=self._first)
+        self._values.clear()
+        self._steps.clear()
 
-    def observe(self, step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """After the backward passes of `step`, before the optimizer step: record the flags (a few device ops).
-
-        Returns, with skip, a 0-dim bool tensor: whether the optimizer step may stand.
-        """
-        use_norm = grad_norm is not None and self.check_grads
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """skip: after the backward passes of `step`, before the optimizer step, with the step's summed loss
+        and gradient norm: record the flags (a few device ops) and return a 0-dim bool tensor, whether the
+        optimizer step may stand."""
         # A NaN or inf in either makes the sum non-finite: one test for both.
-        finite = torch.isfinite(loss + grad_norm if use_norm else loss)  # type: ignore[operator]
+        finite = torch.isfinite(loss + grad_norm)
         torch.minimum(self._first, torch.where(finite, math.inf, float(step)), out=self._first)
-        if not self.skips or not use_norm:
-            return None
-        grads_ok = torch.isfinite(grad_norm)  # type: ignore[arg-type]
+        grads_ok = torch.isfinite(grad_norm)
         self._skipped += ~grads_ok
         self._run.copy_(torch.where(grads_ok, 0.0, self._run + 1))
         torch.maximum(self._longest, self._run, out=self._longest)
@@ -79,6 +95,7 @@ class NonFiniteGuard:
 
     def pending(self) -> torch.Tensor:
         """1 if this rank saw a non-finite step since the last check, to add to a collective's sum."""
+        self._fold()
         return torch.isfinite(self._first).to(torch.float64).reshape(1)
 
     def settle(self, bad_total: float, ds: DistState, step: int) -> tuple[int, Optional[NonFiniteError]]:

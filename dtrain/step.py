@@ -115,13 +115,13 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
     train.on_nonfinite=skip a step with a non-finite gradient is undone on the device.
     """
     model, opt, precision = state.model, state.optimizer, state.precision
-    watch = guard is not None and guard.active
-    skips = guard is not None and guard.skips
+    watch = guard if guard is not None and guard.active else None
+    skip = guard if guard is not None and guard.skips else None
     # DDP averages gradients over ranks; this undoes it so the sum is over the global window.
     scale = state.dist.world_size / window.global_real
     opt.zero_grad(set_to_none=True)
     last = len(window.batches) - 1
-    step_loss: Optional[torch.Tensor] = None
+    losses: list[torch.Tensor] = []  # the micro-steps' loss sums, for the guard
     for j, (batch, real) in enumerate(zip(window.batches, window.real)):
         x, y = to_device(task.split(batch), state.dist.device)
         # The repeats are always at the batch's end: summing the first `real` per-sample losses
@@ -133,9 +133,9 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
                 out = model(x)
                 loss_sum = task.loss_sum(out, y, keep)
             precision.backward(loss_sum * scale)
-        if watch:
-            step_loss = loss_sum.detach() if step_loss is None else step_loss + loss_sum.detach()
-        if not skips:
+        if watch is not None:
+            losses.append(loss_sum.detach())
+        if skip is None:
             meter.add(loss_sum, real)
 
     grad_norm = None
@@ -143,15 +143,17 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
         precision.unscale_(opt)  # clip the true gradients, not the scaled ones
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
     state.step += 1
-    ok = None
-    if guard is not None and step_loss is not None:  # an active guard
-        norm = grad_norm
-        if norm is None and guard.needs_grad_norm:
-            norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        ok = guard.observe(state.step, step_loss, norm)
-        if ok is not None:  # skip: the loss counts only if the step stands
-            meter.add_unless_skipped(step_loss, sum(window.real), ok)
-    with guard.undo_unless(ok, opt) if guard is not None else nullcontext():
+    if skip is not None:  # decided on the all-reduced gradient, so every rank skips the same steps
+        step_loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        norm = grad_norm if grad_norm is not None else nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None])
+        ok = skip.observe(state.step, step_loss, norm)
+        meter.add_unless_skipped(step_loss, sum(window.real), ok)  # the loss counts only if the step stands
+        with skip.undo_unless(ok, opt):
+            stepped = precision.step(opt)
+    else:
+        if watch is not None:
+            watch.note(state.step, losses, grad_norm)  # list appends: checked at the next logging step
         stepped = precision.step(opt)
     if stepped:
         state.scheduler.step()

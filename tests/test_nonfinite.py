@@ -147,3 +147,35 @@ def test_stop_on_a_nan_gradient_with_a_finite_loss(tmp_path: Path, monkeypatch: 
     with pytest.raises(DTrainError, match=rf"not finite since step {named} \(seen at the check of step 8\)"):
         train(load_config(None, _args(tmp_path / "run", "stop", "log.every_steps=8", *extra, nproc=1)), environ={})
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("fold_at", [512, 3], ids=["one-fold", "folded-every-3"])
+def test_stop_keeps_losses_on_the_host_side_and_finds_the_first_bad_one(monkeypatch: pytest.MonkeyPatch,
+                                                                        fold_at: int) -> None:
+    """stop notes each step's loss tensors without a device op; the check finds the earliest bad step, also
+    when the list was folded on the way (long logging windows), and the loss sums match plain arithmetic."""
+    from dtrain.dist import DistState
+    from dtrain.meters import Meter
+    from dtrain.nonfinite import NonFiniteGuard
+
+    monkeypatch.setattr(NonFiniteGuard, "FOLD_AT", fold_at)
+    monkeypatch.setattr(Meter, "FOLD_AT", fold_at)
+    single = DistState("test", 0, 0, 1, "gloo", torch.device("cpu"))
+    guard = NonFiniteGuard("stop", 3, torch.device("cpu"))
+    meter = Meter(torch.device("cpu"))
+    values = [0.5, 1.25, 3.0, 0.125, 2.0, 7.5, 0.25]
+    for step, v in enumerate(values[:4], start=1):  # two micro-steps a step, the second one 1.0
+        guard.note(step, [torch.tensor(v), torch.tensor(1.0)], None)
+        meter.add(torch.tensor(v), 2)
+    assert len(guard._values) < fold_at
+    assert guard.pending().tolist() == [0.0]
+    assert guard.settle(0.0, single, 4) == (0, None)
+    for step, v in enumerate(values[4:], start=5):
+        grad_norm = torch.tensor(math.inf if step == 6 else 1.0)  # clipping's norm is watched too
+        guard.note(step, [torch.tensor(v)], grad_norm)
+        meter.add(torch.tensor(v), 2)
+    guard.note(8, [torch.tensor(math.nan)], torch.tensor(1.0))
+    assert guard.pending().tolist() == [1.0]
+    _, error = guard.settle(1.0, single, 8)
+    assert error is not None and "not finite since step 6 (seen at the check of step 8)" in str(error)
+    assert meter.take(0, single) == [sum(values), 2.0 * len(values)]

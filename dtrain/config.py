@@ -203,9 +203,11 @@ class DistConfig:
     """Start-up timeout: how long the ranks wait for each other to arrive (every process started,
     MASTER_ADDR:MASTER_PORT reachable) before the job fails naming the ranks that did not come."""
     bucket_cap_mb: Optional[float] = None
-    """DDP gradient bucket size in MiB; unset: DDP's default (25). Larger buckets mean fewer, bigger all-reduces
-    (helps where each collective has a high fixed cost: gloo, slow links, many small parameters); smaller ones
-    start communicating earlier in the backward pass (more overlap on fast links)."""
+    """DDP gradient bucket size in MiB; unset: DDP's default, 25 (with NCCL, a first bucket of 1 MiB to start
+    communicating early; with gloo every bucket is 25, as each gloo collective has a high fixed cost). Larger
+    buckets mean fewer, bigger all-reduces (helps where each collective has a high fixed cost: gloo, slow links,
+    many small parameters); smaller ones start communicating earlier in the backward pass (more overlap on
+    fast links)."""
     static_graph: bool = False
     """Promise DDP that every step uses the same parameters in the same order (no data-dependent branches):
     after the first step it orders its buckets by when gradients are really ready and skips per-step

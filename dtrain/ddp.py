@@ -57,6 +57,8 @@ class _StaticGraphDDP(DDP):
 
 Wrapped = Union[DDP, Alone]
 
+DEFAULT_BUCKET_MB = 25  # DDP's own default bucket size
+
 
 def wrap_ddp(model: nn.Module, cfg: DistConfig, device: torch.device, world_size: int) -> Wrapped:
     """DDP with the dist.* knobs (see their fields in dtrain/config.py); `Alone` for one process."""
@@ -65,6 +67,12 @@ def wrap_ddp(model: nn.Module, cfg: DistConfig, device: torch.device, world_size
     kwargs: dict[str, Any] = {}
     if cfg.bucket_cap_mb is not None:
         kwargs["bucket_cap_mb"] = cfg.bucket_cap_mb
+    elif device.type != "cuda":
+        # gloo: DDP's default makes the first bucket 1 MiB, to start NCCL's all-reduce early in the
+        # backward pass. Each gloo all-reduce costs about half a millisecond before any byte moves,
+        # so the early start loses more than it wins: naming the size makes every bucket 25 MiB
+        # (the benchmark MLP's 2.7 MB in one all-reduce: steps 7% faster on 2 processes).
+        kwargs["bucket_cap_mb"] = DEFAULT_BUCKET_MB
     # gradient_as_bucket_view: the .grad tensors are views into DDP's buckets, so the all-reduce
     # needs no copy in or out and the gradients take no second copy of memory.
     cls = _StaticGraphDDP if cfg.static_graph else DDP

@@ -40,6 +40,17 @@ def test_each_knob_reaches_the_ddp_object(report: dict) -> None:
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(180)
+def test_gloo_all_reduces_a_small_model_in_one_bucket(report: dict) -> None:
+    """DDP's default splits off a first bucket of 1 MiB (to start NCCL early); on gloo every all-reduce has a
+    fixed cost, so by default the whole 784-512-512-10 gradient goes in one. Set explicitly, the cap holds."""
+    params = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert report["buckets"]["default"] == [4 * params]
+    capped = report["buckets"]["dist.bucket_cap_mb=1"]
+    assert len(capped) >= 2 and sum(capped) == 4 * params
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("compression", ["none", "bf16", "fp16"])
 def test_compressed_gradients_are_the_exact_ones_within_two_roundings(report: dict, compression: str) -> None:
     """Each rank's share a (its half-batch gradient / W, exact for W=2) is rounded to 16 bits, and so is the

@@ -5,6 +5,8 @@ Prints one JSON line on rank 0:
   "grads": {compression: {"ddp": [...], "halves": [[...], [...]]}}: the flat gradient DDP left after one
   backward of each rank's half of a fixed batch, and the two halves' gradients computed by plain autograd
   in this one process (each divided by the world size), for the test to compare.
+  "buckets": {override: the bucket sizes in bytes DDP all-reduces, after it rebuilt its buckets, for the
+  benchmark's 784-512-512-10 MLP}
 """
 
 import json
@@ -58,8 +60,17 @@ def main() -> None:
             sl = slice(ds.rank * 32, (ds.rank + 1) * 32)
             F.cross_entropy(ddp(x[sl]), y[sl]).backward()  # DDP averages the ranks' gradients
             grads[compression] = flat_grad(ddp.module).tolist()
+        buckets = {}
+        for extra in ([], ["dist.bucket_cap_mb=1"]):
+            torch.manual_seed(0)
+            mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+            ddp = wrap_ddp(mlp, load_config(None, extra).dist, ds.device, ds.world_size)
+            for _ in range(3):  # DDP rebuilds its buckets in the order gradients arrived, at the second step
+                ddp(torch.randn(4, 784)).sum().backward()
+            sizes = ddp._get_ddp_logging_data()["rebuilt_bucket_sizes"]
+            buckets[" ".join(extra) or "default"] = [int(b) for b in sizes.split(",")]
         if ds.is_main:
-            print(json.dumps({"knobs": report, "grads": grads, "halves": halves}), flush=True)
+            print(json.dumps({"knobs": report, "grads": grads, "halves": halves, "buckets": buckets}), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from dtrain.data import Loaders
 from dtrain.dist import LaggedAgreement
 from dtrain.evaluate import evaluate
+from dtrain.faults import phase
 from dtrain.loggers import MultiLogger, Record
 from dtrain.meters import Meter, Timer
 from dtrain.nonfinite import NonFiniteGuard
@@ -168,8 +169,9 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             saver.signals.acknowledge()
         if signalled or timed or periodic:
             paused = time.perf_counter()
-            check_now()
-            saver.save(state, meter)
+            with phase(f"the checkpoint at step {state.step}"):
+                check_now()
+                saver.save(state, meter)
             last_save = time.monotonic()
             timer.start += time.perf_counter() - paused  # saving is not training time
         return (saver.signals.received or "a signal on another rank") if signalled else None
@@ -207,7 +209,7 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
                           {"loss": epoch_sum / epoch_count if epoch_count else math.nan,
                            "samples": int(epoch_count)}))
         if loaders.eval is not None:
-            with state.compile_watch.paused():
+            with state.compile_watch.paused(), phase(f"the eval of epoch {state.epoch + 1}"):
                 result = evaluate(state, task, loaders.eval)
             record = Record("eval", state.step, state.epoch + 1, result)
             logger.log(record)

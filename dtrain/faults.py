@@ -17,10 +17,12 @@ import re
 import sys
 import time
 import traceback
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
-STEP_ATTR = "dtrain_step"
-"""Set on an exception by the training loop: the optimizer step that was being computed."""
+WHERE_ATTR = "dtrain_where"
+"""Set on an exception by the training loop: what it was doing, e.g. 'step 7' (the optimizer step being
+computed), 'the checkpoint at step 6', 'the eval of epoch 2'."""
 BLAME_ATTR = "dtrain_blame"
 """Set on a communication failure by dist: {rank: what is wrong with it} for the peers to blame."""
 
@@ -49,13 +51,29 @@ def _gist(exc: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
+def label(exc: BaseException, where: str) -> None:
+    """Say on `exc` where it happened (`WHERE_ATTR`), unless something closer to it already did."""
+    if not getattr(exc, WHERE_ATTR, None):
+        setattr(exc, WHERE_ATTR, where)
+
+
+@contextmanager
+def phase(where: str) -> Iterator[None]:
+    """`label` whatever is raised inside."""
+    try:
+        yield
+    except Exception as exc:
+        label(exc, where)
+        raise
+
+
 def is_timeout(exc: BaseException) -> bool:
     return bool(re.search(r"timed out|timeout", str(exc), re.IGNORECASE))
 
 
 def describe(exc: BaseException, rank: str, timeout_s: Optional[int] = None) -> str:
-    step = getattr(exc, STEP_ATTR, None)
-    where = f" in step {step}" if step is not None else ""
+    phase = getattr(exc, WHERE_ATTR, None)
+    where = f" in {phase}" if phase else ""
     if is_communication_failure(exc):
         blame = getattr(exc, BLAME_ATTR, None) or {}
         who = "; ".join(f"rank {r}: {why}" for r, why in sorted(blame.items()))

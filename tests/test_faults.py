@@ -183,7 +183,7 @@ def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
 def test_describe_names_step_and_peers_without_library_boilerplate() -> None:
     exc = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
                        "[127.0.0.1]:54450. This is typically caused by a remote worker crashing. GLHF!")
-    exc.dtrain_step = 7  # type: ignore[attr-defined]
+    exc.dtrain_where = "step 7"  # type: ignore[attr-defined]
     exc.dtrain_blame = {3: "last heard of at step 6, no heartbeat: died"}  # type: ignore[attr-defined]
     assert describe(exc, "0") == ("rank 0 in step 7: lost contact with the other ranks (rank 3: last heard of at step "
                                   "6, no heartbeat: died) [Connection closed by peer [127.0.0.1]:54450]; the failed "
@@ -282,3 +282,51 @@ def test_the_peer_watch_lets_go_of_the_store() -> None:
     gc.collect()
     again = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))  # the port is free
     again.set("x", "1")
+
+
+@pytest.mark.parametrize("when, where", [("eval", "the eval of epoch 2"), ("save", "the checkpoint at step 6"),
+                                         ("step", "step 4")])
+def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str,
+                                                 where: str) -> None:
+    """3 steps an epoch, a checkpoint every 3: a failure in the second eval, in the checkpoint after step 6,
+    or in step 4's forward is said to be there, not in the step that comes next."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import dtrain
+    from dtrain import resume
+
+    calls = {"metric": 0, "forward": 0}
+
+    def metric(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["metric"] += 1
+        if when == "eval" and calls["metric"] == 2:  # one eval batch an epoch
+            raise ValueError("metric broke")
+        return (out.argmax(1) == y).float()
+
+    class Model(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls["forward"] += 1
+            # call 1: the set-up check; 2-4: steps 1-3; 5: epoch 1's eval; 6: step 4
+            if when == "step" and calls["forward"] == 6:
+                raise ValueError("forward broke")
+            return super().forward(x)
+
+    if when == "save":
+        real_save = resume.Saver.save
+
+        def save(self, state, meter):  # type: ignore[no-untyped-def]
+            if state.step == 6:
+                raise OSError("disk gone")
+            return real_save(self, state, meter)
+
+        monkeypatch.setattr(resume.Saver, "save", save)
+    x = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    with pytest.raises((ValueError, OSError)) as info:
+        dtrain.train(model=Model(4, 2), train_data=TensorDataset(x[:36], y[:36]), eval_data=TensorDataset(x[36:], y[36:]),
+                     loss="cross_entropy", metrics={"acc": metric},
+                     overrides=["train.epochs=3", "data.batch_size=12", "checkpoint.every_steps=3",
+                                "log.progress=none", f"output_dir={tmp_path}"])
+    assert describe(info.value, "0").startswith(f"rank 0 in {where} failed: ")

@@ -32,6 +32,7 @@ class CompileWatch:
         """Compile seconds in training since the last take()."""
         self._started = 0.0
         self._paused = False
+        self._callbacks: Any = None
 
     def watch(self) -> None:
         from torch._dynamo import callback_handler
@@ -46,9 +47,22 @@ class CompileWatch:
             if not self._paused:
                 self.pending += time.perf_counter() - self._started
 
+        self._callbacks = (start, end)
         callback_handler.register_start_callback(start)
         callback_handler.register_end_callback(end)
         self.enabled = True
+
+    def close(self) -> None:
+        """Stop counting: torch keeps its callbacks for the life of the process, and a later run in it
+        (dtrain.train called again) must not count into this run's watch."""
+        if self._callbacks is None:
+            return
+        from torch._dynamo import callback_handler
+
+        start, end = self._callbacks
+        callback_handler.remove_start_callback(start)
+        callback_handler.remove_end_callback(end)
+        self._callbacks = None
 
     def take(self) -> float:
         """Training's compile seconds since the last take."""

@@ -210,6 +210,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 ARRIVED = "dtrain/arrived"
 FAILED = "dtrain/failed"
+WAITED = "dtrain/waited"
 
 
 def _rendezvous(launch: LaunchInfo, start_timeout_s: int, step_timeout_s: int) -> Any:
@@ -307,6 +308,18 @@ class PeerWatch:
         except Exception:  # noqa: BLE001 - best effort: the store may be what failed
             return None
 
+    def _get_all(self, keys: list[str]) -> list[Optional[str]]:
+        """The values of `keys` (None where missing): two round trips to the store when all are there,
+        as they are unless something is wrong, so a thousand ranks asking at once stays cheap."""
+        if self.store is None:
+            return [None] * len(keys)
+        try:
+            if self.store.check(keys):
+                return [v.decode() for v in self.store.multi_get(keys)]
+        except Exception:  # noqa: BLE001
+            return [None] * len(keys)
+        return [self._get(k) for k in keys]
+
     def diagnose(self, timed_out: bool) -> dict[int, str]:
         """{rank: what is wrong with it} for the peers to blame, found in about two heartbeats.
 
@@ -314,20 +327,22 @@ class PeerWatch:
         collective. A peer whose heartbeat stops is gone (dead, or frozen in native code)."""
         if timed_out:
             try:
-                self.store.set(f"dtrain/waited/{self.rank}", "1")
+                self.store.append(WAITED, f"{self.rank} ")  # one key for all: read back in one go
             except Exception:  # noqa: BLE001
                 pass
         peers = [r for r in range(self.world_size) if r != self.rank]
-        before = {r: self._get(f"dtrain/beat/{r}") for r in peers}
+        before = self._get_all([f"dtrain/beat/{r}" for r in peers])
         time.sleep(1.6 * self.interval_s)
+        after = self._get_all([f"dtrain/beat/{r}" for r in peers])
+        steps = self._get_all([f"dtrain/step/{r}" for r in peers])
+        waited = {int(r) for r in (self._get(WAITED) or "").split()} if timed_out else set()
         blame: dict[int, str] = {}
-        for r in peers:
-            alive = before[r] is not None and self._get(f"dtrain/beat/{r}") != before[r]
-            step = self._get(f"dtrain/step/{r}")
+        for r, old, new, step in zip(peers, before, after, steps):
+            alive = old is not None and new != old
             at = f"last heard of at step {step}" if step is not None else "never heard of"
             if not alive:
                 blame[r] = f"{at}, no heartbeat: died, was killed or is frozen"
-            elif timed_out and self._get(f"dtrain/waited/{r}") is None:
+            elif timed_out and r not in waited:
                 blame[r] = f"{at}, alive but not in the collective: stalled in its own work"
         return blame
 

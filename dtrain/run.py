@@ -311,6 +311,7 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
                         saver.save(loop, run.meter)  # the end: the final state, so that a rerun knows it is done
         finally:
             progress.close()
+            loop.compile_watch.close()
         result = outcome.eval
         if outcome.stopped_by is not None:
             say(f"dtrain: stopped by {outcome.stopped_by} at step {loop.step} after saving a checkpoint; "

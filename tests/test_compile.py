@@ -70,3 +70,20 @@ def test_eager_runs_report_no_compile_fields_but_the_startup(runs: dict[str, Pat
     first, second = records(runs["eager"], "train")[:2]
     assert "compiles" not in first and "compile_s" not in first
     assert 0 < first["startup_s"] < 120 and "startup_s" not in second
+
+
+def test_a_finished_run_stops_counting_compiles() -> None:
+    """torch keeps compile callbacks for the process's life: a run's watch must take its own back, or a
+    second dtrain.train in the process would count its compiles into the first run's numbers."""
+    from torch._dynamo import callback_handler
+
+    from dtrain.compiling import CompileWatch
+
+    before = (list(callback_handler.start_callbacks), list(callback_handler.end_callbacks))
+    watch = CompileWatch()
+    watch.watch()
+    assert len(callback_handler.start_callbacks) == len(before[0]) + 1
+    watch.close()
+    watch.close()  # twice is harmless
+    assert (list(callback_handler.start_callbacks), list(callback_handler.end_callbacks)) == before
+    CompileWatch().close()  # never watched: nothing to take back

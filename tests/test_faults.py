@@ -284,6 +284,33 @@ def test_the_peer_watch_lets_go_of_the_store() -> None:
     again.set("x", "1")
 
 
+def test_the_peer_watch_blames_the_dead_and_the_stalled_peer() -> None:
+    """Four watches on one real store, as four ranks would be: rank 1 stops beating (dead), rank 2 beats but
+    never reaches the collective, rank 3 waits in it as rank 0 does; after the timeout rank 0 blames 1 and 2."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from dtrain.dist import PeerWatch
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=datetime.timedelta(seconds=5))
+    watches = [PeerWatch(store, r, 4, interval_s=0.05) for r in range(4)]
+    for r, w in enumerate(watches):
+        w.step_of = lambda r=r: 10 + r
+    time.sleep(0.3)
+    watches[1].close()  # its last beat and step stay in the store
+    rank3 = threading.Thread(target=watches[3].diagnose, args=(True,))
+    rank3.start()
+    blame = watches[0].diagnose(True)
+    rank3.join()
+    assert blame == {1: "last heard of at step 11, no heartbeat: died, was killed or is frozen",
+                     2: "last heard of at step 12, alive but not in the collective: stalled in its own work"}
+    assert watches[0].diagnose(False) == {1: "last heard of at step 11, no heartbeat: died, was killed or is frozen"}
+    for w in watches:
+        w.close()
+
+
 @pytest.mark.parametrize("when, where", [("eval", "the eval of epoch 2"), ("save", "the checkpoint at step 6"),
                                          ("step", "step 4")])
 def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str,

@@ -60,9 +60,12 @@ class CompileWatch:
         from torch._dynamo import callback_handler
 
         start, end = self._callbacks
-        callback_handler.remove_start_callback(start)
-        callback_handler.remove_end_callback(end)
         self._callbacks = None
+        # torch._dynamo.reset() (a user's, between runs) clears every callback itself.
+        if start in callback_handler.start_callbacks:
+            callback_handler.remove_start_callback(start)
+        if end in callback_handler.end_callbacks:
+            callback_handler.remove_end_callback(end)
 
     def take(self) -> float:
         """Training's compile seconds since the last take."""

@@ -11,7 +11,7 @@ otherwise the model itself, so one process trains bit for bit as under DDP
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -60,14 +60,16 @@ Wrapped = Union[DDP, Alone]
 DEFAULT_BUCKET_MB = 25  # DDP's own default bucket size
 
 
-def wrap_ddp(model: nn.Module, cfg: DistConfig, device: torch.device, world_size: int) -> Wrapped:
-    """DDP with the dist.* knobs (see their fields in dtrain/config.py); `Alone` for one process."""
+def wrap_ddp(model: nn.Module, cfg: DistConfig, device: torch.device, world_size: int,
+             backend: Optional[str] = None) -> Wrapped:
+    """DDP with the dist.* knobs (see their fields in dtrain/config.py); `Alone` for one process.
+    `backend`: the process group's (None: NCCL on CUDA, else gloo, dtrain's default)."""
     if world_size == 1:
         return Alone(model)
     kwargs: dict[str, Any] = {}
     if cfg.bucket_cap_mb is not None:
         kwargs["bucket_cap_mb"] = cfg.bucket_cap_mb
-    elif device.type != "cuda":
+    elif (backend or ("nccl" if device.type == "cuda" else "gloo")) == "gloo":
         # gloo: DDP's default makes the first bucket 1 MiB, to start NCCL's all-reduce early in the
         # backward pass. Each gloo all-reduce costs about half a millisecond before any byte moves,
         # so the early start loses more than it wins: naming the size makes every bucket 25 MiB

@@ -108,6 +108,10 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         return error
 
     def log_window() -> None:
+        with phase(f"the log record of step {state.step}"):
+            write_window()
+
+    def write_window() -> None:
         nonlocal startup_s
         extra = grad_norm.reshape(1) if grad_norm is not None else None
         # The one collective, and the one host sync: the checks' flags ride along.
@@ -204,10 +208,11 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
         if done(state.epoch + 1) and timer.steps > 0:
             log_window()  # the partial logging window at the very end
         paused = time.perf_counter()
-        epoch_sum, epoch_count = meter.take(1, state.dist)
-        logger.log(Record("train_epoch", state.step, state.epoch + 1,
-                          {"loss": epoch_sum / epoch_count if epoch_count else math.nan,
-                           "samples": int(epoch_count)}))
+        with phase(f"the end of epoch {state.epoch + 1}"):
+            epoch_sum, epoch_count = meter.take(1, state.dist)
+            logger.log(Record("train_epoch", state.step, state.epoch + 1,
+                              {"loss": epoch_sum / epoch_count if epoch_count else math.nan,
+                               "samples": int(epoch_count)}))
         if loaders.eval is not None:
             with state.compile_watch.paused(), phase(f"the eval of epoch {state.epoch + 1}"):
                 result = evaluate(state, task, loaders.eval)
@@ -224,6 +229,7 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
             if stopped:
                 agreement.settle()
                 return FitResult(result, stopped)
-    agreement.settle()
-    check_now()  # what the caller saves next (the final checkpoint, model.pt) must be finite
+    with phase(f"the final check after step {state.step}"):
+        agreement.settle()
+        check_now()  # what the caller saves next (the final checkpoint, model.pt) must be finite
     return FitResult(result)

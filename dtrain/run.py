@@ -90,8 +90,12 @@ def wrap(cfg: Config, dist_state: DistState, parts: Parts, total_steps: int,
     precision."""
     precision = build_precision(precision_name or cfg.train.precision, dist_state.device)
     watch = compile_in_place(parts.model) if cfg.train.compile else CompileWatch()
-    ddp = wrap_ddp(parts.model, cfg.dist, dist_state.device, dist_state.world_size)
-    scheduler = build_scheduler(cfg.sched, parts.optimizer, cfg.optim.lr, total_steps)
+    try:
+        ddp = wrap_ddp(parts.model, cfg.dist, dist_state.device, dist_state.world_size, dist_state.backend)
+        scheduler = build_scheduler(cfg.sched, parts.optimizer, cfg.optim.lr, total_steps)
+    except BaseException:
+        watch.close()
+        raise
     return TrainState(ddp, parts.optimizer, scheduler, precision, dist_state, cfg.train.grad_accum_steps,
                       cfg.train.grad_clip, compile_watch=watch)
 
@@ -205,23 +209,27 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
         per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
         total = total_steps or plan_for(cfg).total_steps(per_epoch)
         loop = wrap(cfg, ds, parts, total)
-        if ds.watch is not None:
-            ds.watch.step_of = lambda: loop.step  # published for the other ranks' error messages
-        meter = Meter(ds.device)
-        resumed = None
-        if start is not None and start.checkpoint is not None:
-            path = start.checkpoint
-            # Rank 0 reads it (the only rank sure to see rank 0's storage) and shares it.
-            payload = ds.run_on_main(lambda: checkpoint.load(path))
-            restore(loop, payload, cfg, loaders, meter, path)
-            resumed = {"path": path, "step": loop.step, "wandb_id": payload.get("wandb_id")}
-        runtime = runtime_summary(cfg, ds, loop.precision.name)
-        # Objects handed to dtrain.train have no config name: say what they were.
-        if given.model is not None:
-            runtime["model"] = getattr(given.model, "__name__", type(given.model).__name__)
-        if given.loss is not None:
-            runtime["loss"] = task.loss_name
-        yield Session(ds, data, loaders, task, loop, meter, parts.groups, per_epoch, total, runtime, start, resumed)
+        try:
+            if ds.watch is not None:
+                ds.watch.step_of = lambda: loop.step  # published for the other ranks' error messages
+            meter = Meter(ds.device)
+            resumed = None
+            if start is not None and start.checkpoint is not None:
+                path = start.checkpoint
+                # Rank 0 reads it (the only rank sure to see rank 0's storage) and shares it.
+                payload = ds.run_on_main(lambda: checkpoint.load(path))
+                restore(loop, payload, cfg, loaders, meter, path)
+                resumed = {"path": path, "step": loop.step, "wandb_id": payload.get("wandb_id")}
+            runtime = runtime_summary(cfg, ds, loop.precision.name)
+            # Objects handed to dtrain.train have no config name: say what they were.
+            if given.model is not None:
+                runtime["model"] = getattr(given.model, "__name__", type(given.model).__name__)
+            if given.loss is not None:
+                runtime["loss"] = task.loss_name
+            yield Session(ds, data, loaders, task, loop, meter, parts.groups, per_epoch, total, runtime, start,
+                          resumed)
+        finally:
+            loop.compile_watch.close()  # torch would keep counting into it
 
 
 def plan_for(cfg: Config) -> FitPlan:
@@ -311,7 +319,6 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
                         saver.save(loop, run.meter)  # the end: the final state, so that a rerun knows it is done
         finally:
             progress.close()
-            loop.compile_watch.close()
         result = outcome.eval
         if outcome.stopped_by is not None:
             say(f"dtrain: stopped by {outcome.stopped_by} at step {loop.step} after saving a checkpoint; "

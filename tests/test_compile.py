@@ -87,3 +87,9 @@ def test_a_finished_run_stops_counting_compiles() -> None:
     watch.close()  # twice is harmless
     assert (list(callback_handler.start_callbacks), list(callback_handler.end_callbacks)) == before
     CompileWatch().close()  # never watched: nothing to take back
+    import torch._dynamo
+
+    reset = CompileWatch()
+    reset.watch()
+    torch._dynamo.reset()  # clears every callback, ours included: closing after it must not raise
+    reset.close()

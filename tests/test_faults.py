@@ -312,7 +312,9 @@ def test_the_peer_watch_blames_the_dead_and_the_stalled_peer() -> None:
 
 
 @pytest.mark.parametrize("when, where", [("eval", "the eval of epoch 2"), ("save", "the checkpoint at step 6"),
-                                         ("step", "step 4")])
+                                         ("step", "step 4"), ("final save", "the final checkpoint at step 9"),
+                                         ("log", "the log record of step 2"), ("epoch end", "the end of epoch 3"),
+                                         ("final check", "the final check after step 9")])
 def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str,
                                                  where: str) -> None:
     """3 steps an epoch, a checkpoint every 3: a failure in the second eval, in the checkpoint after step 6,
@@ -340,20 +342,44 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
                 raise ValueError("forward broke")
             return super().forward(x)
 
-    if when == "save":
+    if when in ("save", "final save"):
         real_save = resume.Saver.save
+        at = 6 if when == "save" else 9
 
         def save(self, state, meter):  # type: ignore[no-untyped-def]
-            if state.step == 6:
+            if state.step == at:
                 raise OSError("disk gone")
             return real_save(self, state, meter)
 
         monkeypatch.setattr(resume.Saver, "save", save)
+    if when in ("log", "epoch end", "final check"):
+        from dtrain.meters import Meter
+
+        real_take, takes = Meter.take, {"n": 0}
+        # Meter.take: row 0 at each log record (every 2 steps, then the end), row 1 at each epoch's end;
+        # the final check settles the lagged agreement, then all-reduces the non-finite flags.
+        if when == "final check":
+            from dtrain.dist import LaggedAgreement
+
+            def settle(self):  # type: ignore[no-untyped-def]
+                if takes["n"] >= 3:  # after epoch 3's take
+                    raise RuntimeError("gloo: connection closed by peer")
+
+            monkeypatch.setattr(LaggedAgreement, "settle", settle)
+
+        def take(self, row, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if row == 1:
+                takes["n"] += 1
+            if (when == "log" and row == 0) or (when == "epoch end" and row == 1 and takes["n"] == 3):
+                raise RuntimeError("gloo: connection closed by peer")
+            return real_take(self, row, *args, **kwargs)
+
+        monkeypatch.setattr(Meter, "take", take)
     x = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
     y = (x[:, 0] > 0).long()
-    with pytest.raises((ValueError, OSError)) as info:
+    with pytest.raises((ValueError, OSError, RuntimeError)) as info:
         dtrain.train(model=Model(4, 2), train_data=TensorDataset(x[:36], y[:36]), eval_data=TensorDataset(x[36:], y[36:]),
                      loss="cross_entropy", metrics={"acc": metric},
                      overrides=["train.epochs=3", "data.batch_size=12", "checkpoint.every_steps=3",
-                                "log.progress=none", f"output_dir={tmp_path}"])
-    assert describe(info.value, "0").startswith(f"rank 0 in {where} failed: ")
+                                "log.every_steps=2", "log.progress=none", f"output_dir={tmp_path}"])
+    assert getattr(info.value, "dtrain_where") == where

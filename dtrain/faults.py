@@ -72,8 +72,8 @@ def is_timeout(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException, rank: str, timeout_s: Optional[int] = None) -> str:
-    phase = getattr(exc, WHERE_ATTR, None)
-    where = f" in {phase}" if phase else ""
+    doing = getattr(exc, WHERE_ATTR, None)
+    where = f" in {doing}" if doing else ""
     if is_communication_failure(exc):
         blame = getattr(exc, BLAME_ATTR, None) or {}
         who = "; ".join(f"rank {r}: {why}" for r, why in sorted(blame.items()))

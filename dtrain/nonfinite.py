@@ -58,8 +58,10 @@ class NonFiniteGuard:
         return self.mode != "ignore"
 
     def note(self, step: int, losses: list[torch.Tensor], grad_norm: Optional[torch.Tensor]) -> None:
-        """stop (and ignore-like modes): after `step`'s backward passes, keep its micro-step losses (and the
-        clipping norm) for the next check. No device op: the check tests them all at once (`pending`)."""
+        """stop: after `step`'s backward passes, keep its micro-step losses (and the clipping norm) for the
+        next check. No device op: the check tests them all at once (`pending`). No gradient norm is computed
+        for this: a gradient that goes bad under a finite loss poisons the weights, so the next step's loss
+        shows it, one step later."""
         for value in losses if grad_norm is None or not self.check_grads else [*losses, grad_norm]:
             self._values.append(value)
             self._steps.append(step)

@@ -99,12 +99,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default="mlp,cnn")
     parser.add_argument("--json", help="also write every measurement here")
-    parser.add_argument("--report", help="print the tables of an earlier --json file instead of running")
+    parser.add_argument("--report", nargs="+", metavar="JSON",
+                        help="print the tables of earlier --json files instead of running (several: their repeats "
+                             "pooled)")
     args = parser.parse_args()
     if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        report({(w, int(p), int(k), name): v for key, v in saved.items()
-                for w, p, k, name in [key.split(" ", 3)]}, "(from " + args.report + ")")
+        pooled: dict[tuple[str, int, int, str], list[dict[str, float]]] = {}
+        for path in args.report:  # each file's repeats in order, so a repeat's runs stay paired
+            for key, runs in json.loads(Path(path).read_text()).items():
+                w, p, k, name = key.split(" ", 3)
+                pooled.setdefault((w, int(p), int(k), name), []).extend(runs)
+        report(pooled, "(from " + ", ".join(args.report) + ")")
         return
     windows = QUICK_WINDOWS if args.quick else WINDOWS
     samples: dict[tuple[str, int, int, str], list[dict[str, float]]] = {}

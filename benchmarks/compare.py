@@ -161,7 +161,6 @@ def report(samples: dict[tuple[str, int, int, str], list[dict[str, float]]], whe
                     vs_hand = ratio(mine, (workload, world, k, "hand"))
                     vs_acc = ratio(mine, (workload, world, k, "accelerate"))
                     vs_floor = ratio(mine, (workload, 1, 1, "floor"), world)
-                    label = "dtrain" if name == "dtrain" else "dtrain, grad_compression=bf16"
                     waits = " / ".join(f"{med((workload, world, k, n), 'data_fraction'):.1%}"
                                        for n in (name, "hand", "accelerate"))
                     print(f"| {workload} | {world} | {k} | {d:,.0f}{'' if name == 'dtrain' else ' (bf16)'} | "

@@ -302,8 +302,7 @@ class ConfigFileError(ConfigError):
 
     def __init__(self, path: str, problem: str, line: Optional[int] = None) -> None:
         at = f" line {line}" if line else ""
-        DTrainError.__init__(self, f"config file '{path}'{at}: {problem}")
-        self.key, self.value, self.allowed = "", path, problem
+        super().__init__("", path, problem, f"config file '{path}'{at}: {problem}")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

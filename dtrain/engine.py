@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from dtrain.data import Loaders
 from dtrain.dist import LaggedAgreement
 from dtrain.evaluate import evaluate
-from dtrain.faults import phase
+from dtrain.faults import label, phase
 from dtrain.loggers import MultiLogger, Record
 from dtrain.meters import Meter, Timer
 from dtrain.nonfinite import NonFiniteGuard
@@ -76,7 +76,21 @@ def fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: 
     signal on any rank ends the run after one. With an active `guard`, its flags
     are checked at every logging step, before every checkpoint and at the end;
     a NonFiniteError it raises has every rank stop at the same check.
+
+    A failure is labelled with where it happened, for the one-line report: the eval, a checkpoint, a
+    log record and the like name themselves; anything else belongs to the step being computed.
     """
+    try:
+        return _fit(state, task, loaders, plan, logger, progress, saver, meter, guard)
+    except Exception as exc:
+        label(exc, f"step {state.step + 1}")
+        raise
+
+
+def _fit(state: TrainState, task: Task, loaders: Loaders, plan: FitPlan, logger: MultiLogger,
+         progress: Progress, saver: Optional[Saver], meter: Optional[Meter],
+         guard: Optional[NonFiniteGuard]) -> FitResult:
+    """The loop itself, read top to bottom; `fit` labels what it raises."""
     k = state.grad_accum_steps
     per_epoch = steps_per_epoch(loaders.train, k)  # loaders.train_sampler.start is 0 here: a whole epoch
     meter = meter if meter is not None else Meter(state.dist.device)  # a resumed run brings its sums

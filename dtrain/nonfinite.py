@@ -62,9 +62,9 @@ class NonFiniteGuard:
         next check. No device op: the check tests them all at once (`pending`). No gradient norm is computed
         for this: a gradient that goes bad under a finite loss poisons the weights, so the next step's loss
         shows it, one step later."""
-        for value in losses if grad_norm is None or not self.check_grads else [*losses, grad_norm]:
-            self._values.append(value)
-            self._steps.append(step)
+        values = losses if grad_norm is None or not self.check_grads else [*losses, grad_norm]
+        self._values.extend(values)
+        self._steps.extend([step] * len(values))
         if len(self._values) >= self.FOLD_AT:
             self._fold()
 
@@ -131,7 +131,7 @@ class NonFiniteGuard:
         return f"the last finite train loss logged was {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
 
     @contextmanager
-    def undo_unless(self, ok: Optional[torch.Tensor], optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    def undo_unless(self, ok: torch.Tensor, optimizer: torch.optim.Optimizer) -> Iterator[None]:
         """Around the optimizer step: where `ok` is false, put parameters and optimizer state back.
 
         Copies of them are kept on the device (memory about that of the optimizer state) and restored
@@ -140,9 +140,6 @@ class NonFiniteGuard:
         Tensors kept on another device (Adam's step counter stays on the CPU for a CUDA model) cost a
         read of the flag per step.
         """
-        if ok is None:
-            yield
-            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         keys = [set(optimizer.state[p]) if p in optimizer.state else None for p in params]
         tensors = params + [v for p in params for v in optimizer.state.get(p, {}).values()

@@ -76,7 +76,6 @@ class StopSignals:
         """dist.PeerWatch (failure(), announce_failure(line)), or None for one process."""
         self.received: Optional[str] = None
         self._previous: dict[int, Any] = {}
-        self._giving_up = False
         self._first_at = 0.0
         self._acknowledged = False
         self._term: Optional[tuple[int, float]] = None
@@ -103,7 +102,6 @@ class StopSignals:
         self._acknowledged = True
 
     def _give_up(self, why: str) -> None:
-        self._giving_up = True
         self._gave_up_at = time.monotonic()
         print(f"dtrain: {why}; stopping without a checkpoint", file=sys.stderr, flush=True)
         # A real SIGINT to the main thread: it also wakes a sleep or a blocking read there, which
@@ -186,7 +184,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
-        if self._giving_up and signum == signal.SIGINT:
+        if self._gave_up_at is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # our own, from _give_up, where SIGINT is one of the stop signals
         if (self.received == name and signum in TERMINATING
                 and time.monotonic() - self._first_at > REPEAT_MEANS_NOW_S):

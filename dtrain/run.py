@@ -21,7 +21,7 @@ from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
 from dtrain.engine import FitPlan, fit, steps_per_epoch
 from dtrain.env import detect_launch
 from dtrain.errors import DTrainError
-from dtrain.faults import label, phase
+from dtrain.faults import phase
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
 from dtrain.models import build_model, from_factory, prepare_model
 from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
@@ -306,14 +306,7 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
                 saver = Saver(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
                 guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, ds.device,
                                        check_grads=loop.precision.scaler is None)
-                # For the one line that says what failed where: fit names its checkpoints and evals;
-                # anything else in it belongs to the step being computed.
-                try:
-                    outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter,
-                                  guard)
-                except Exception as exc:
-                    label(exc, f"step {loop.step + 1}")
-                    raise
+                outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter, guard)
                 if outcome.stopped_by is None:
                     with phase(f"the final checkpoint at step {loop.step}"):
                         saver.save(loop, run.meter)  # the end: the final state, so that a rerun knows it is done

@@ -7,6 +7,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
+from dtrain.errors import DTrainError
 from dtrain.loggers.termination import TerminationGuard
 
 # How a record's fields are named on the dashboards (W&B, TensorBoard): metrics.jsonl
@@ -66,8 +67,6 @@ class MultiLogger:
     def log(self, record: Record) -> None:
         if self.failure is not None:
             return  # what was written stays whole; nothing more is added after a failure
-        from dtrain.errors import DTrainError
-
         for lg in self.loggers:
             try:
                 lg.log(record)

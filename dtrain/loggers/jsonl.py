@@ -39,16 +39,11 @@ class JsonlLogger:
             # Resumed: the records up to the checkpoint stay, those after it go (they will be
             # logged again), so every step appears exactly once. Rewritten under a temporary
             # name, then renamed: a crash here leaves the old file whole.
-            tmp = f"{path}.tmp-{os.getpid()}"
+            from dtrain.checkpoint import write_atomic
+
             try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.writelines(_kept_lines(path, resume_step))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                write_atomic(path, "".join(_kept_lines(path, resume_step)).encode("utf-8"))
             except OSError as exc:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
                 raise DTrainError(f"cannot write {path}: {exc.strerror or exc}") from None
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if resume_step is None else 0)
         self._fd = os.open(path, flags, 0o666)

@@ -251,7 +251,10 @@ def test_a_bf16_model_trains_under_bf16_autocast_past_the_first_batch_check(tmp_
     model = nn.Linear(8, 2).to(torch.bfloat16)
     with pytest.raises(RuntimeError):
         model(x)  # float32 inputs into bf16 weights, without autocast
+    before = model.weight.detach().clone()
     result = dtrain.train(model=model, train_data=TensorDataset(x, y), loss=nn.CrossEntropyLoss(),
                           overrides=["train.epochs=1", "train.precision=bf16", "log.progress=none",
                                      f"output_dir={tmp_path}"])
     assert result.model.weight.dtype == torch.bfloat16
+    trained = result.model.weight.detach()
+    assert not torch.equal(trained, before) and bool(torch.isfinite(trained).all())  # it really stepped

@@ -47,8 +47,8 @@ def test_ranks_agree_on_a_flag_at_the_same_step_with_a_round_every_fifth_of_a_se
     out = sorted((json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")), key=lambda o: o["rank"])
     assert [o["rank"] for o in out] == [0, 1]
     assert out[0]["seen_at"] == out[1]["seen_at"] is not None  # the same step on both ranks
-    # 10 ms steps: about 20 steps a round, so the flag comes back within ~2 rounds of step 57,
-    # and 200 steps take far fewer than 200 rounds.
-    assert 57 < out[0]["seen_at"] <= 57 + 2 * 100
-    assert out[0]["rounds"] == out[1]["rounds"] < 40, out
+    # 10 ms steps (longer under load): at most about 20 steps a round, so the flag comes back within
+    # ~2 rounds of step 57 (measured: step 79-81), and 200 steps take 5-40 rounds, not one per step.
+    assert 57 < out[0]["seen_at"] <= 57 + 2 * 30
+    assert 5 <= out[0]["rounds"] == out[1]["rounds"] < 40, out
     print(f"flag raised at step 57 on rank 1, agreed at step {out[0]['seen_at']}; {out[0]['rounds']} rounds")

@@ -30,4 +30,5 @@ with distributed(detect_launch(os.environ)) as ds:
             seen_at = step
     agreement.settle()
     dist.all_reduce = real
-    print(json.dumps({"rank": ds.rank, "seen_at": seen_at, "rounds": rounds}), flush=True)
+    # One write per line: the two ranks share stdout, and print() may split a line into two writes.
+    os.write(1, (json.dumps({"rank": ds.rank, "seen_at": seen_at, "rounds": rounds}) + "\n").encode())

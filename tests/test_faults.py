@@ -9,6 +9,7 @@ never starts, a port already taken. The expectations are written here: which ran
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -219,7 +220,8 @@ def test_sigterm_during_a_long_checkpoint_save_still_saves_and_stops(tmp_path: P
     assert "stopped by SIGTERM" in out and "while this rank waited inside" not in err, err
     from dtrain import checkpoint
 
-    assert [c.step for c in checkpoint.committed(str(tmp_path / "run"))][-1] > 5  # the stop's own checkpoint
+    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
+    assert stopped_at > 5 and [c.step for c in checkpoint.committed(str(tmp_path / "run"))][-1] == stopped_at
 
 
 def test_a_rank_that_gave_up_but_is_stuck_in_a_collective_still_exits(tmp_path: Path) -> None:

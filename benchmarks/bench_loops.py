@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_data  # noqa: E402
-from dtrain.models import cnn, mlp  # noqa: E402
+from dtrain.models.builtin import cnn, mlp  # noqa: E402
 
 BATCH, LR, MOMENTUM = 64, 0.05, 0.9
 

@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(config, name)
     if name == "Datasets":
-        from dtrain.data import Datasets
+        from dtrain.data.loaders import Datasets
 
         return Datasets
     if name == "DTrainError":

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dtrain.config import Config, load_config
-from dtrain.data import Datasets, as_datasets
+from dtrain.data.loaders import Datasets, as_datasets
 from dtrain.errors import DTrainError
 
 

@@ -68,14 +68,14 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
             prefix = f"{prog}: error" if rank == "0" else f"{prog}: error (rank {rank})"
             print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
             if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-                from dtrain.faults import write_error_file  # no torch: faults imports it lazily
+                from dtrain.runtime.faults import write_error_file  # no torch: faults imports it lazily
 
                 write_error_file(f"{prefix}: {exc}", lost_peer=False)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - any other failure: what this rank says, once
-        from dtrain.faults import report
+        from dtrain.runtime.faults import report
 
         report(exc, prog, cfg.dist.timeout_s if cfg is not None else None)
         return EXIT_FAILURE

@@ -31,14 +31,14 @@ if __name__ == "__main__":
     # load torch; the test then runs from the module imported by name.
     sys.exit(lr_find_main())
 
-from dtrain.data import Loaders  # noqa: E402 - after the command-line entry, on purpose
+from dtrain.data.loaders import Loaders  # noqa: E402 - after the command-line entry, on purpose
 from dtrain.config import Config, LRFindConfig, SchedConfig, to_yaml
-from dtrain.meters import Meter
-from dtrain.state import TrainState
-from dtrain.step import Window, epoch_windows, train_step
-from dtrain.task import Task
+from dtrain.loop.meters import Meter
+from dtrain.loop.state import TrainState
+from dtrain.loop.step import Window, epoch_windows, train_step
+from dtrain.loop.task import Task
 from dtrain.errors import ConfigError, DTrainError
-from dtrain.resume import new_run_dir
+from dtrain.checkpoint.resume import new_run_dir
 from dtrain.run import session
 
 PROG = "dtrain.lr_find"
@@ -117,7 +117,7 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> Suggestion:
 
 
 def windows(loaders: Loaders, k: int) -> Iterator[Window]:
-    """The training run's windows (see `dtrain.engine.fit`), epoch after epoch, without end."""
+    """The training run's windows (see `dtrain.loop.engine.fit`), epoch after epoch, without end."""
     epoch = 0
     while True:
         loaders.train_sampler.set_epoch(epoch)

@@ -11,30 +11,30 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
-from dtrain import checkpoint
-from dtrain.checkpoint import mark_finished, write_atomic
-from dtrain.compiling import CompileWatch, compile_in_place
+from dtrain.checkpoint import store as checkpoint
+from dtrain.checkpoint.store import mark_finished, write_atomic
+from dtrain.loop.compiling import CompileWatch, compile_in_place
 from dtrain.config import Config, to_dict, to_yaml
-from dtrain.ddp import wrap_ddp
-from dtrain.data import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
-from dtrain.dist import DistState, distributed, resolve_backend, resolve_device
-from dtrain.engine import FitPlan, fit, steps_per_epoch
-from dtrain.env import detect_launch
+from dtrain.parallel.ddp import wrap_ddp
+from dtrain.data.loaders import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
+from dtrain.runtime.dist import DistState, distributed, resolve_backend, resolve_device
+from dtrain.loop.engine import FitPlan, fit, steps_per_epoch
+from dtrain.runtime.env import detect_launch
 from dtrain.errors import DTrainError
-from dtrain.faults import phase
+from dtrain.runtime.faults import phase
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
-from dtrain.models import build_model, from_factory, prepare_model
-from dtrain.optim import GroupInfo, build_optimizer, build_scheduler
-from dtrain.precision import build_precision, check_precision
-from dtrain.meters import Meter
-from dtrain.nonfinite import NonFiniteGuard
-from dtrain.preempt import StopSignals
-from dtrain.preflight import check_first_batch
-from dtrain.progress import Progress
-from dtrain.resume import Saver, Start, claim, decide_start, global_batch, print_main, requeue_slurm_job, restore
-from dtrain.seeding import rank_seed, seed_everything
-from dtrain.state import TrainState
-from dtrain.task import Task, build_task
+from dtrain.models.builtin import build_model, from_factory, prepare_model
+from dtrain.loop.optim import GroupInfo, build_optimizer, build_scheduler
+from dtrain.loop.precision import build_precision, check_precision
+from dtrain.loop.meters import Meter
+from dtrain.loop.nonfinite import NonFiniteGuard
+from dtrain.runtime.signals import StopSignals
+from dtrain.loop.preflight import check_first_batch
+from dtrain.loggers.progress import Progress
+from dtrain.checkpoint.resume import Saver, Start, claim, decide_start, global_batch, print_main, requeue_slurm_job, restore
+from dtrain.runtime.seeding import rank_seed, seed_everything
+from dtrain.loop.state import TrainState
+from dtrain.loop.task import Task, build_task
 
 
 def write_text(path: str, text: str) -> None:

@@ -74,11 +74,11 @@ def free_port() -> int:
 
 
 def _job_id_with_free_port() -> int:
-    """A Slurm job id whose derived port (dtrain.env.slurm_port) is free right now."""
+    """A Slurm job id whose derived port (dtrain.runtime.env.slurm_port) is free right now."""
     import random
     import socket
 
-    from dtrain.env import slurm_port
+    from dtrain.runtime.env import slurm_port
 
     for _ in range(50):
         job_id = random.randrange(1, 10**7)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from dtrain.batches import TensorBatches
+from dtrain.data.batches import TensorBatches
 from dtrain.config import DataConfig, load_config
-from dtrain.data import Datasets, build_loaders
-from dtrain.dist import DistState
+from dtrain.data.loaders import Datasets, build_loaders
+from dtrain.runtime.dist import DistState
 from dtrain.errors import ConfigError, DTrainError
 
 
@@ -161,7 +161,7 @@ def test_decoded_vision_batches_equal_torchvisions_own_items(name: str, tmp_path
     from torch.utils.data import default_collate
     from torchvision import transforms
 
-    from dtrain.data import build_datasets
+    from dtrain.data.loaders import build_datasets
     from test_vision import STATS, write
 
     write(name, tmp_path, monkeypatch)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoint
+from dtrain.checkpoint import store as checkpoint
 from dtrain.errors import DTrainError
 from helpers import REPO, WORKERS, child_env, dtrain, records, rel_diff, run, torchrun
 
@@ -64,7 +64,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     checkpoint.save(str(tmp_path), 5, 0, _state(5), keep=1)
     code = ("import resource, signal, sys, torch; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
-            "from dtrain import checkpoint; from dtrain.errors import DTrainError\n"
+            "from dtrain.checkpoint import store as checkpoint; from dtrain.errors import DTrainError\n"
             "try:\n checkpoint.save(sys.argv[1], 10, 0, {'train': {'w': torch.zeros(10000)}}, keep=1)\n"
             "except DTrainError as e:\n print(e); sys.exit(3)")
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,

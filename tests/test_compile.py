@@ -77,7 +77,7 @@ def test_a_finished_run_stops_counting_compiles() -> None:
     second dtrain.train in the process would count its compiles into the first run's numbers."""
     from torch._dynamo import callback_handler
 
-    from dtrain.compiling import CompileWatch
+    from dtrain.loop.compiling import CompileWatch
 
     before = (list(callback_handler.start_callbacks), list(callback_handler.end_callbacks))
     watch = CompileWatch()

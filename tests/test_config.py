@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 
 from dtrain.config import Config, load_config, to_yaml
-from dtrain.typed import leaf_types
+from dtrain.config.typed import leaf_types
 from dtrain.errors import ConfigError, DTrainError
 from helpers import run
 

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dtrain.config import DataConfig
-from dtrain.data import ShardSampler, build_loaders, digits, synthetic
-from dtrain.dist import DistState
+from dtrain.data.loaders import ShardSampler, build_loaders, digits, synthetic
+from dtrain.runtime.dist import DistState
 
 
 def _global_batches(world_size: int, batch: int, epoch: int, n: int = 96, fast: bool = True) -> list[list[int]]:
@@ -78,7 +78,7 @@ class _Noise(torch.utils.data.Dataset):
 
 
 def _worker_draws(rank: int, world_size: int = 2, seed: int = 3) -> torch.Tensor:
-    from dtrain.data import Datasets
+    from dtrain.data.loaders import Datasets
 
     cfg = DataConfig(name="synthetic", batch_size=2, num_workers=2)
     data = Datasets(_Noise(), _Noise(), (3,), 2)

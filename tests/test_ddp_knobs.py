@@ -107,7 +107,7 @@ def test_one_process_is_not_wrapped_in_ddp() -> None:
     """Nothing to all-reduce: the model itself, with DDP's `module` and a no_sync that changes nothing."""
     from torch import nn
 
-    from dtrain.ddp import Alone, wrap_ddp
+    from dtrain.parallel.ddp import Alone, wrap_ddp
 
     model = nn.Linear(3, 2)
     wrapped = wrap_ddp(model, load_config(None, ["dist.grad_compression=bf16"]).dist, torch.device("cpu"), 1)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dtrain.dist import resolve_device
-from dtrain.env import detect_launch
+from dtrain.runtime.dist import resolve_device
+from dtrain.runtime.env import detect_launch
 from dtrain.errors import DTrainError
 from helpers import worker
 

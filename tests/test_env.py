@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dtrain.env import LaunchInfo, detect_launch, expand_hostlist, first_host, slurm_port
+from dtrain.runtime.env import LaunchInfo, detect_launch, expand_hostlist, first_host, slurm_port
 from dtrain.errors import DTrainError
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2",

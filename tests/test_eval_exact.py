@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dtrain.config import DataConfig
-from dtrain.data import synthetic
-from dtrain.models import mlp
+from dtrain.data.loaders import synthetic
+from dtrain.models.builtin import mlp
 from helpers import dtrain, records
 
 SEED = 11

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from dtrain.faults import describe
+from dtrain.runtime.faults import describe
 from helpers import REPO, child_env, dtrain, free_port, srun_like
 
 pytestmark = pytest.mark.multiproc
@@ -72,7 +72,7 @@ def test_a_rank_that_raises_keeps_its_traceback_and_the_report_ends_with_dtrains
                      "model.name=tests.workers.failing_model:build", f"output_dir={tmp_path}/run"],
                  env={"DTRAIN_TEST_FAIL_RANK": "1", "DTRAIN_TEST_FAIL_AT_FORWARD": "5"}, check=False, timeout=120)
     assert res.returncode != 0
-    # Forward call 1 is set-up's first-batch check (dtrain/preflight.py); call 5 is step 4's.
+    # Forward call 1 is set-up's first-batch check (dtrain/loop/preflight.py); call 5 is step 4's.
     failed = "dtrain: error: rank 1 in step 4 failed: RuntimeError: failing_model: deliberate failure on forward call 5"
     assert failed in _dtrain_lines(res.stderr), res.stderr
     assert failed in _report_root_cause(res.stderr)  # the last line a user reads
@@ -218,7 +218,7 @@ def test_sigterm_during_a_long_checkpoint_save_still_saves_and_stops(tmp_path: P
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in out and "while this rank waited inside" not in err, err
-    from dtrain import checkpoint
+    from dtrain.checkpoint import store as checkpoint
 
     stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
     assert stopped_at > 5 and [c.step for c in checkpoint.committed(str(tmp_path / "run"))][-1] == stopped_at
@@ -244,7 +244,7 @@ def test_a_forked_child_signalled_does_not_stop_its_parent(tmp_path: Path) -> No
     SIGTERM must not look like one to the parent's monitor."""
     code = textwrap.dedent("""
         import multiprocessing as mp, os, signal, sys, time
-        from dtrain.preempt import BLOCKED_S, StopSignals
+        from dtrain.runtime.signals import BLOCKED_S, StopSignals
 
         def child():
             signal.signal(signal.SIGTERM, lambda *a: None)  # a Python handler, as DataLoader workers have
@@ -270,7 +270,7 @@ def test_the_peer_watch_lets_go_of_the_store() -> None:
 
     import torch.distributed as dist
 
-    from dtrain.dist import PeerWatch
+    from dtrain.runtime.dist import PeerWatch
 
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))
@@ -294,7 +294,7 @@ def test_the_peer_watch_blames_the_dead_and_the_stalled_peer() -> None:
 
     import torch.distributed as dist
 
-    from dtrain.dist import PeerWatch
+    from dtrain.runtime.dist import PeerWatch
 
     store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=datetime.timedelta(seconds=5))
     watches = [PeerWatch(store, r, 4, interval_s=0.05) for r in range(4)]
@@ -326,7 +326,7 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
     from torch.utils.data import TensorDataset
 
     import dtrain
-    from dtrain import resume
+    from dtrain.checkpoint import resume
 
     calls = {"metric": 0, "forward": 0}
 
@@ -355,13 +355,13 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
 
         monkeypatch.setattr(resume.Saver, "save", save)
     if when in ("log", "epoch end", "final check"):
-        from dtrain.meters import Meter
+        from dtrain.loop.meters import Meter
 
         real_take, takes = Meter.take, {"n": 0}
         # Meter.take: row 0 at each log record (every 2 steps, then the end), row 1 at each epoch's end;
         # the final check settles the lagged agreement, then all-reduces the non-finite flags.
         if when == "final check":
-            from dtrain.dist import LaggedAgreement
+            from dtrain.runtime.dist import LaggedAgreement
 
             def settle(self):  # type: ignore[no-untyped-def]
                 if takes["n"] >= 3:  # after epoch 3's take

@@ -12,14 +12,14 @@ import torch
 import yaml
 
 from dtrain.config import load_config
-from dtrain.data import build_datasets, build_loaders
-from dtrain.dist import distributed
-from dtrain.env import LaunchInfo
-from dtrain.meters import Meter
-from dtrain.models import build_model
+from dtrain.data.loaders import build_datasets, build_loaders
+from dtrain.runtime.dist import distributed
+from dtrain.runtime.env import LaunchInfo
+from dtrain.loop.meters import Meter
+from dtrain.models.builtin import build_model
 from dtrain.run import build_loop
-from dtrain.step import Window, epoch_windows, train_step
-from dtrain.task import build_task
+from dtrain.loop.step import Window, epoch_windows, train_step
+from dtrain.loop.task import build_task
 from helpers import dtrain, records
 
 CE = build_task("cross_entropy", [], "input", "target")
@@ -71,7 +71,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
 def _syncs_in_five_steps(overrides: list[str], guard_mode: Optional[str] = None) -> tuple[int, list[str]]:
     """The step reached and CUDA's sync-debug warnings over steps 2-6 of train_step (the first step
     is left out: lazy initialisation and optimizer state creation may sync)."""
-    from dtrain.nonfinite import NonFiniteGuard
+    from dtrain.loop.nonfinite import NonFiniteGuard
 
     cfg = load_config(None, ["data.name=synthetic", "train.grad_accum_steps=2", *overrides])
     with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
@@ -112,6 +112,6 @@ def test_host_syncs_per_step(precision: str, allowed: int) -> None:
 @pytest.mark.parametrize("mode, optim", [("stop", "sgd"), ("skip", "sgd"), ("skip", "adamw")])
 def test_watching_for_nonfinite_costs_no_host_sync_per_step(mode: str, optim: str) -> None:
     """train.on_nonfinite's guard keeps its flags on the device; with skip, AdamW is built capturable so
-    that undoing a step needs no read of its CPU step counter (dtrain/nonfinite.py)."""
+    that undoing a step needs no read of its CPU step counter (dtrain/loop/nonfinite.py)."""
     step, syncs = _syncs_in_five_steps([f"train.on_nonfinite={mode}", f"optim.name={optim}"], guard_mode=mode)
     assert step == 6 and not syncs, syncs

@@ -16,9 +16,9 @@ from torch import nn
 
 from dtrain.config import Config, ConfigError, ModelConfig, load_config
 from dtrain.errors import DTrainError
-from dtrain.models import build_model, mlp
+from dtrain.models.builtin import build_model, mlp
 from dtrain.run import train
-from dtrain.vision import VISION
+from dtrain.data.vision import VISION
 from helpers import REPO, dtrain, records
 
 DIGITS, MNIST, CIFAR = (64,), (1, 28, 28), (3, 32, 32)
@@ -204,7 +204,7 @@ def test_default_preset_is_the_dataclass_defaults() -> None:
 
 
 def test_default_preset_lists_every_key() -> None:
-    # It is the documented reference of all keys: a field added to dtrain/config.py belongs here too.
+    # It is the documented reference of all keys: a field added to dtrain/config/schema.py belongs here too.
     def keys(node: object, prefix: str = "") -> set[str]:
         if not isinstance(node, dict):
             return {prefix}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtrain import checkpoint
+from dtrain.checkpoint import store as checkpoint
 from dtrain.config import load_config
 from dtrain.errors import DTrainError
 from dtrain.run import train
@@ -154,9 +154,9 @@ def test_stop_keeps_losses_on_the_host_side_and_finds_the_first_bad_one(monkeypa
                                                                         fold_at: int) -> None:
     """stop notes each step's loss tensors without a device op; the check finds the earliest bad step, also
     when the list was folded on the way (long logging windows), and the loss sums match plain arithmetic."""
-    from dtrain.dist import DistState
-    from dtrain.meters import Meter
-    from dtrain.nonfinite import NonFiniteGuard
+    from dtrain.runtime.dist import DistState
+    from dtrain.loop.meters import Meter
+    from dtrain.loop.nonfinite import NonFiniteGuard
 
     monkeypatch.setattr(NonFiniteGuard, "FOLD_AT", fold_at)
     monkeypatch.setattr(Meter, "FOLD_AT", fold_at)

@@ -18,17 +18,17 @@ from torch import nn
 
 from dtrain.__main__ import main as dtrain_main
 from dtrain.config import Config, OptimConfig, ParamGroupConfig, SchedConfig, load_config
-from dtrain.data import build_datasets, build_loaders
-from dtrain.dist import DistState, distributed
-from dtrain.meters import Meter
-from dtrain.state import TrainState
-from dtrain.step import Window, epoch_windows, train_step
-from dtrain.env import LaunchInfo
+from dtrain.data.loaders import build_datasets, build_loaders
+from dtrain.runtime.dist import DistState, distributed
+from dtrain.loop.meters import Meter
+from dtrain.loop.state import TrainState
+from dtrain.loop.step import Window, epoch_windows, train_step
+from dtrain.runtime.env import LaunchInfo
 from dtrain.errors import ConfigError
-from dtrain.models import build_model, mlp
-from dtrain.optim import build_optimizer, lr_multiplier, param_groups
+from dtrain.models.builtin import build_model, mlp
+from dtrain.loop.optim import build_optimizer, lr_multiplier, param_groups
 from dtrain.run import build_loop, train
-from dtrain.task import build_task
+from dtrain.loop.task import build_task
 from helpers import dtrain, records
 
 CE = build_task("cross_entropy", [], "input", "target")
@@ -372,7 +372,7 @@ def test_loop_state_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_skip_mode_keeps_adams_step_counter_beside_the_parameters(name: str) -> None:
     """train.on_nonfinite=skip on a GPU asks for capturable Adam: its step counter lives on the device,
-    so undoing a step needs no read of a flag back to the host (dtrain/nonfinite.py)."""
+    so undoing a step needs no read of a flag back to the host (dtrain/loop/nonfinite.py)."""
     cfg = load_config(None, [f"optim.name={name}"]).optim
     model = torch.nn.Linear(3, 2)
     assert build_optimizer(cfg, model, device_steps=True)[0].defaults["capturable"] is True

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import yaml
 
 from dtrain.config import DataConfig
-from dtrain.data import synthetic
-from dtrain.models import mlp
-from dtrain.task import build_task
+from dtrain.data.loaders import synthetic
+from dtrain.models.builtin import mlp
+from dtrain.loop.task import build_task
 from helpers import dtrain, records
 
 CE = build_task("cross_entropy", [], "input", "target")
@@ -79,12 +79,12 @@ def test_clipping_logs_pre_clip_norm_and_bounds_the_update(tmp_path: Path, nproc
 
 def _scaled_state(scale: float):  # -> (TrainState, list[Window]); a fp32 model under a CPU GradScaler
     from dtrain.config import load_config
-    from dtrain.data import build_datasets, build_loaders
-    from dtrain.dist import distributed
-    from dtrain.env import LaunchInfo
-    from dtrain.precision import Precision
+    from dtrain.data.loaders import build_datasets, build_loaders
+    from dtrain.runtime.dist import distributed
+    from dtrain.runtime.env import LaunchInfo
+    from dtrain.loop.precision import Precision
     from dtrain.run import build_loop
-    from dtrain.step import epoch_windows
+    from dtrain.loop.step import epoch_windows
 
     cfg = load_config(None, ["data.name=synthetic", "data.train_size=256", "train.grad_accum_steps=2",
                              "train.grad_clip=1.0", "optim.momentum=0.0"])
@@ -100,8 +100,8 @@ def _scaled_state(scale: float):  # -> (TrainState, list[Window]); a fp32 model 
 
 
 def test_a_scaled_step_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dtrain.meters import Meter
-    from dtrain.step import train_step
+    from dtrain.loop.meters import Meter
+    from dtrain.loop.step import train_step
 
     ctx, state, windows = _scaled_state(2.0 ** 8)
     try:
@@ -126,8 +126,8 @@ def test_a_scaled_step_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_an_overflowing_scaled_step_is_skipped_and_counted() -> None:
-    from dtrain.meters import Meter
-    from dtrain.step import train_step
+    from dtrain.loop.meters import Meter
+    from dtrain.loop.step import train_step
 
     ctx, state, windows = _scaled_state(2.0 ** 8)
     try:

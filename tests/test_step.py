@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from dtrain.batches import TensorBatches, batched_source
-from dtrain.data import TrainShard
-from dtrain.step import Window, batch_len, epoch_windows, to_device
+from dtrain.data.batches import TensorBatches, batched_source
+from dtrain.data.loaders import TrainShard
+from dtrain.loop.step import Window, batch_len, epoch_windows, to_device
 
 GRID = [(n, w, b, k) for n in (1000, 1001, 7, 13) for w, b, k in
         [(1, 60, 1), (3, 20, 1), (3, 10, 2), (4, 15, 1), (2, 10, 3), (4, 1, 1), (4, 2, 3)]]

@@ -1,4 +1,4 @@
-"""The loss/metric contract (dtrain/task.py) against torch's own losses, and its one-line refusals."""
+"""The loss/metric contract (dtrain/loop/task.py) against torch's own losses, and its one-line refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from dtrain.config import LOSSES, METRICS
 from dtrain.errors import DTrainError
-from dtrain.task import BUILTIN, build_task
+from dtrain.loop.task import BUILTIN, build_task
 
 B = 6
 

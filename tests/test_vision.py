@@ -19,17 +19,17 @@ import torch
 import torchvision
 
 from dtrain.config import DataConfig, load_config
-from dtrain.data import build_datasets, fetch_datasets
-from dtrain.dist import DistState
+from dtrain.data.loaders import build_datasets, fetch_datasets
+from dtrain.runtime.dist import DistState
 from dtrain.errors import DTrainError
 from dtrain.run import train
-from dtrain.vision import download_files, vision_datasets
+from dtrain.data.vision import download_files, vision_datasets
 from helpers import dtrain, records
 from tinydata import Tiny, cifar10_checksum_tables, write_cifar10, write_mnist
 
 N_TRAIN, N_TEST = 64, 20
 
-# The classic normalisation, written out here rather than read from dtrain.vision,
+# The classic normalisation, written out here rather than read from dtrain.data.vision,
 # so a wrong constant there fails the pixel checks.
 STATS = {
     "mnist": ((0.1307,), (0.3081,)),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from dtrain.errors import DTrainError
-from dtrain.loggers.termination import TerminationGuard
+from dtrain.runtime.termination import TerminationGuard
 
 # How a record's fields are named on the dashboards (W&B, TensorBoard): metrics.jsonl
 # keeps the flat record schema, the dashboards get "section/name" for every value but

@@ -39,7 +39,7 @@ class JsonlLogger:
             # Resumed: the records up to the checkpoint stay, those after it go (they will be
             # logged again), so every step appears exactly once. Rewritten under a temporary
             # name, then renamed: a crash here leaves the old file whole.
-            from dtrain.checkpoint import write_atomic
+            from dtrain.checkpoint.store import write_atomic
 
             try:
                 write_atomic(path, "".join(_kept_lines(path, resume_step)).encode("utf-8"))

@@ -9,8 +9,8 @@ import time
 
 import torch.distributed as dist
 
-from dtrain.dist import LaggedAgreement, distributed
-from dtrain.env import detect_launch
+from dtrain.runtime.dist import LaggedAgreement, distributed
+from dtrain.runtime.env import detect_launch
 
 with distributed(detect_launch(os.environ)) as ds:
     agreement = LaggedAgreement(ds)

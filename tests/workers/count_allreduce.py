@@ -12,15 +12,15 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from dtrain.config import load_config
-from dtrain.data import build_datasets, build_loaders
-from dtrain.dist import distributed
-from dtrain.engine import FitPlan, fit, steps_per_epoch
-from dtrain.env import detect_launch
+from dtrain.data.loaders import build_datasets, build_loaders
+from dtrain.runtime.dist import distributed
+from dtrain.loop.engine import FitPlan, fit, steps_per_epoch
+from dtrain.runtime.env import detect_launch
 from dtrain.loggers import null_logger
-from dtrain.models import build_model
-from dtrain.progress import Progress
+from dtrain.models.builtin import build_model
+from dtrain.loggers.progress import Progress
 from dtrain.run import build_loop
-from dtrain.task import build_task
+from dtrain.loop.task import build_task
 
 
 class Counter:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain.config import load_config
-from dtrain.dist import distributed
-from dtrain.env import detect_launch
-from dtrain.ddp import wrap_ddp
+from dtrain.runtime.dist import distributed
+from dtrain.runtime.env import detect_launch
+from dtrain.parallel.ddp import wrap_ddp
 
 KNOBS = [[], ["dist.bucket_cap_mb=0.5"], ["dist.static_graph=true"], ["dist.find_unused_parameters=true"],
          ["dist.grad_compression=bf16"], ["dist.grad_compression=fp16"]]

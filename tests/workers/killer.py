@@ -33,15 +33,15 @@ def kill_job() -> None:
 def install(spec: str) -> None:
     import torch
 
-    import dtrain.checkpoint
-    import dtrain.precision
+    import dtrain.checkpoint.store
+    import dtrain.loop.precision
 
     what, _, n = spec.partition(":")
     target, count = int(n), [0]
     if os.environ.get("RANK", "0") != "0":
         return
     if what == "backward":
-        original = dtrain.precision.Precision.backward
+        original = dtrain.loop.precision.Precision.backward
 
         def backward(self, loss):  # type: ignore[no-untyped-def]
             count[0] += 1
@@ -49,7 +49,7 @@ def install(spec: str) -> None:
                 kill_job()
             return original(self, loss)
 
-        dtrain.precision.Precision.backward = backward  # type: ignore[method-assign]
+        dtrain.loop.precision.Precision.backward = backward  # type: ignore[method-assign]
     elif what == "save":
         real_save = torch.save
 
@@ -66,7 +66,7 @@ def install(spec: str) -> None:
                 kill_job()
             return real_save(obj, f, *args, **kwargs)
 
-        dtrain.checkpoint.torch.save = save  # type: ignore[attr-defined]
+        dtrain.checkpoint.store.torch.save = save  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

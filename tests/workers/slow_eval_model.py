@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dtrain.models import mlp
+from dtrain.models.builtin import mlp
 
 EVAL_SLEEP_ENV = "DTRAIN_TEST_EVAL_SLEEP_S"
 

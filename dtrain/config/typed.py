@@ -15,7 +15,7 @@ import math
 import typing
 from typing import Any, Union
 
-from dtrain import yamlfile
+from dtrain.config import yamlfile
 from dtrain.errors import ConfigError
 
 INT64 = (-(2**63), 2**63 - 1)

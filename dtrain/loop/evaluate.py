@@ -7,9 +7,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dtrain.state import TrainState
-from dtrain.step import to_device
-from dtrain.task import Task
+from dtrain.loop.state import TrainState
+from dtrain.loop.step import to_device
+from dtrain.loop.task import Task
 
 
 def share_buffers(module: nn.Module, world_size: int) -> None:

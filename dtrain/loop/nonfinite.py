@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from dtrain.dist import DistState
+from dtrain.runtime.dist import DistState
 from dtrain.errors import DTrainError
 
 

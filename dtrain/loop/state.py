@@ -8,10 +8,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from dtrain.compiling import CompileWatch
-from dtrain.ddp import Wrapped
-from dtrain.dist import DistState
-from dtrain.precision import Precision
+from dtrain.loop.compiling import CompileWatch
+from dtrain.parallel.ddp import Wrapped
+from dtrain.runtime.dist import DistState
+from dtrain.loop.precision import Precision
 
 
 @dataclass
@@ -19,7 +19,7 @@ class TrainState:
     """The model, its optimizer, schedule and precision, and the counters; `state_dict()` captures all of it."""
 
     model: Wrapped
-    """DDP around the model, or dtrain.ddp.Alone for one process."""
+    """DDP around the model, or dtrain.parallel.ddp.Alone for one process."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision

@@ -62,7 +62,7 @@ DEFAULT_BUCKET_MB = 25  # DDP's own default bucket size
 
 def wrap_ddp(model: nn.Module, cfg: DistConfig, device: torch.device, world_size: int,
              backend: Optional[str] = None) -> Wrapped:
-    """DDP with the dist.* knobs (see their fields in dtrain/config.py); `Alone` for one process.
+    """DDP with the dist.* knobs (see their fields in dtrain/config/schema.py); `Alone` for one process.
     `backend`: the process group's (None: NCCL on CUDA, else gloo, dtrain's default)."""
     if world_size == 1:
         return Alone(model)

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dtrain.data import TrainShard
-from dtrain.meters import Meter, Timer
-from dtrain.nonfinite import NonFiniteGuard
-from dtrain.state import TrainState
-from dtrain.task import Task
+from dtrain.data.loaders import TrainShard
+from dtrain.loop.meters import Meter, Timer
+from dtrain.loop.nonfinite import NonFiniteGuard
+from dtrain.loop.state import TrainState
+from dtrain.loop.task import Task
 
 
 def batch_len(batch: Any) -> int:

@@ -185,7 +185,7 @@ def _float(out: torch.Tensor) -> torch.Tensor:
 
 def resolve(spec: Any, key: str) -> tuple[str, PerSample]:
     """A built-in name, an import path 'package.module:function', or a callable -> (name, function)."""
-    from dtrain.factories import load_callable
+    from dtrain.runtime.factories import load_callable
 
     if callable(spec):
         name = getattr(spec, "__name__", None) or type(spec).__name__

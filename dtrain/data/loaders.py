@@ -12,7 +12,7 @@ samples to even out the ranks, and those repeats would be counted twice in
 the eval loss and accuracy.
 
 Data held in tensors (a TensorDataset) skips the DataLoader: `TensorBatches`
-(dtrain/batches.py) takes each batch of the same sampler with one indexing,
+(dtrain/data/batches.py) takes each batch of the same sampler with one indexing,
 bit-identical to the DataLoader's batches.
 """
 
@@ -29,12 +29,12 @@ from typing import Any, Iterator, Optional, Sized, cast
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
-from dtrain.batches import TensorBatches, batched_source
+from dtrain.data.batches import TensorBatches, batched_source
 from dtrain.config import DataConfig
-from dtrain.dist import DistState
+from dtrain.runtime.dist import DistState
 from dtrain.errors import DTrainError
-from dtrain.factories import call_factory, load_callable
-from dtrain.seeding import rank_seed
+from dtrain.runtime.factories import call_factory, load_callable
+from dtrain.runtime.seeding import rank_seed
 
 # The digits split is fixed, whatever train.seed is, so eval numbers of runs
 # with different seeds measure the same samples.
@@ -161,7 +161,7 @@ def fetch_datasets(cfg: DataConfig, seed: int, dist_state: DistState) -> None:
 
         dist_state.run_on_node_main(build_first)
         return
-    from dtrain.vision import download_files  # torchvision is an optional extra
+    from dtrain.data.vision import download_files  # torchvision is an optional extra
 
     dist_state.run_on_node_main(lambda: download_files(cfg.name, cfg.root))
 
@@ -174,7 +174,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
         return synthetic(cfg, seed)
     if ":" in cfg.name:
         return _factory_datasets(cfg, seed)
-    from dtrain.vision import vision_datasets
+    from dtrain.data.vision import vision_datasets
 
     return vision_datasets(cfg.name, cfg.root)
 
@@ -286,7 +286,7 @@ class Loaders:
 
 
 def _fast_source(ds: Dataset, cfg: DataConfig, device: torch.device, role: str) -> Optional[Any]:
-    """What the fast path reads `ds` through, or None for the DataLoader path (see dtrain/batches.py)."""
+    """What the fast path reads `ds` through, or None for the DataLoader path (see dtrain/data/batches.py)."""
     if not cfg.fast_path:
         return None
     source = batched_source(ds)

@@ -17,19 +17,19 @@ from typing import Optional, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from dtrain.data import Loaders
-from dtrain.dist import LaggedAgreement
-from dtrain.evaluate import evaluate
-from dtrain.faults import label, phase
+from dtrain.data.loaders import Loaders
+from dtrain.runtime.dist import LaggedAgreement
+from dtrain.loop.evaluate import evaluate
+from dtrain.runtime.faults import label, phase
 from dtrain.loggers import MultiLogger, Record
-from dtrain.meters import Meter, Timer
-from dtrain.nonfinite import NonFiniteGuard
-from dtrain.preempt import StopSignals
-from dtrain.progress import Progress
-from dtrain.startup import process_start
-from dtrain.state import TrainState
-from dtrain.step import epoch_windows, train_step
-from dtrain.task import Task
+from dtrain.loop.meters import Meter, Timer
+from dtrain.loop.nonfinite import NonFiniteGuard
+from dtrain.runtime.signals import StopSignals
+from dtrain.loggers.progress import Progress
+from dtrain.runtime.startup import process_start
+from dtrain.loop.state import TrainState
+from dtrain.loop.step import epoch_windows, train_step
+from dtrain.loop.task import Task
 
 
 def steps_per_epoch(loader: DataLoader, k: int) -> int:

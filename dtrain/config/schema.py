@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass defaults <- YAML files <- `key=value` overrides.
 
-dtrain/yamlfile.py reads the files (plain values only, duplicate keys refused),
-dtrain/typed.py checks each value against its field's type as it merges, and
+dtrain/config/yamlfile.py reads the files (plain values only, duplicate keys refused),
+dtrain/config/typed.py checks each value against its field's type as it merges, and
 `validate` adds the range and choice checks that types cannot express. Every
 failure is a one-line `ConfigError` naming the key, the value and what is
 allowed. Nothing here imports torch: the command line answers before it loads.
@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from dtrain import typed, yamlfile
+from dtrain.config import typed, yamlfile
 from dtrain.errors import ConfigError, DTrainError
-from dtrain.typed import MISSING
+from dtrain.config.typed import MISSING
 
 DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -29,7 +29,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
 GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGXCPU")
-# Kept here, not imported from dtrain.task/models, so that loading a config imports no torch.
+# Kept here, not imported from dtrain.loop.task/models, so that loading a config imports no torch.
 LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits")
 METRICS = ("accuracy", "mae")
 MODEL_INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
@@ -61,7 +61,7 @@ class DataConfig:
     """DataLoader worker processes per rank (unused on the fast path, which needs none)."""
     fast_path: bool = True
     """Data held in tensors (digits, synthetic, a user TensorDataset or a Subset of one, or a dataset with
-    get_batch(indices); see dtrain/batches.py) is batched by one index_select per batch instead of a
+    get_batch(indices); see dtrain/data/batches.py) is batched by one index_select per batch instead of a
     DataLoader's per-sample __getitem__ and collate: the same batches bit for bit, in the sampler's order, at
     a fraction of the host time (it matters for small models, whose step is short). Anything else (transforms,
     images decoded per sample, dicts) always takes the DataLoader. false: always the DataLoader."""
@@ -100,7 +100,7 @@ class ModelConfig:
 class LossConfig:
     name: str = "cross_entropy"
     """cross_entropy | mse | l1 | smooth_l1 | bce_with_logits | a function 'package.module:function' of
-    (outputs, targets) returning one loss per sample (shape [batch]); see dtrain/task.py."""
+    (outputs, targets) returning one loss per sample (shape [batch]); see dtrain/loop/task.py."""
     metrics: list[str] = field(default_factory=list)
     """Extra eval metrics: accuracy | mae | 'package.module:function' of (outputs, targets) returning one
     value per sample; each is logged as its mean over the eval set. cross_entropy and bce_with_logits
@@ -191,7 +191,7 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    """One process is not wrapped in DDP at all (dtrain/ddp.py): the DDP knobs below apply from 2 processes."""
+    """One process is not wrapped in DDP at all (dtrain/parallel/ddp.py): the DDP knobs below apply from 2 processes."""
 
     backend: str = "auto"
     """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""

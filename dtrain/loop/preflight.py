@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from dtrain.data import Datasets
+from dtrain.data.loaders import Datasets
 from dtrain.errors import DTrainError
-from dtrain.step import to_device
-from dtrain.task import Task
+from dtrain.loop.step import to_device
+from dtrain.loop.task import Task
 
 CLASS_LOSSES = ("cross_entropy",)
 """Built-in losses whose model outputs are [batch, classes, ...]."""

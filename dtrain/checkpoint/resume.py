@@ -18,15 +18,15 @@ from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
-from dtrain import checkpoint
+from dtrain.checkpoint import store as checkpoint
 from dtrain.config import Config, resume_conflicts, to_dict
-from dtrain.data import Loaders
-from dtrain.dist import DistState
+from dtrain.data.loaders import Loaders
+from dtrain.runtime.dist import DistState
 from dtrain.errors import ConfigError, DTrainError
-from dtrain.meters import Meter
-from dtrain.preempt import StopSignals
-from dtrain.seeding import rank_seed, rng_state, seed_everything, set_rng_state
-from dtrain.state import TrainState
+from dtrain.loop.meters import Meter
+from dtrain.runtime.signals import StopSignals
+from dtrain.runtime.seeding import rank_seed, rng_state, seed_everything, set_rng_state
+from dtrain.loop.state import TrainState
 
 # What a run writes into output_dir; overwrite=true removes all of it (and nothing else), so a
 # replaced run leaves no stale event file, plot, weights or checkpoint behind.

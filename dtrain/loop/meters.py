@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from dtrain.dist import DistState
+from dtrain.runtime.dist import DistState
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from dtrain.errors import DTrainError
 
 if TYPE_CHECKING:
-    from dtrain.data import Datasets
+    from dtrain.data.loaders import Datasets
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def vision_datasets(name: str, root: str) -> Datasets:
     torchvision = _import_torchvision(name)
     from torchvision import transforms
 
-    from dtrain.data import Datasets
+    from dtrain.data.loaders import Datasets
 
     spec = VISION[name]
     cls = getattr(torchvision.datasets, spec.cls_name)
@@ -147,10 +147,10 @@ def vision_datasets(name: str, root: str) -> Datasets:
 
 def _decoded(ds: Any, spec: VisionSpec) -> Any:
     """The images torchvision has decoded, as NormalizedImages: the same samples, and batches for the fast
-    path (dtrain/batches.py)."""
+    path (dtrain/data/batches.py)."""
     import torch
 
-    from dtrain.batches import NormalizedImages
+    from dtrain.data.batches import NormalizedImages
 
     return NormalizedImages(torch.as_tensor(ds.data), torch.as_tensor(ds.targets), spec.mean, spec.std,
                             list(ds.classes))

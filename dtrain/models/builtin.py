@@ -11,7 +11,7 @@ from torch import nn
 
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError, DTrainError
-from dtrain.factories import call_factory, load_callable
+from dtrain.runtime.factories import call_factory, load_callable
 
 
 def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64)) -> nn.Module:

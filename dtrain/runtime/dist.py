@@ -27,7 +27,7 @@ import torch.distributed as dist
 # exists, the defaults are None.
 import torch.distributed.nn.functional  # noqa: F401  (imported for the side effect above)
 
-from dtrain.env import LaunchInfo
+from dtrain.runtime.env import LaunchInfo
 from dtrain.errors import SAID_BY_RANK_0, DTrainError
 
 
@@ -362,7 +362,7 @@ class PeerWatch:
 def _describe_failure(exc: BaseException, ds: DistState) -> None:
     """Before the group goes: tell the other ranks that this one failed or, when a collective
     failed under it, note on the exception which peers to blame (faults.describe prints them)."""
-    from dtrain import faults
+    from dtrain.runtime import faults
 
     if ds.watch is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return

@@ -68,7 +68,7 @@ def main() -> None:
             return time.perf_counter() - t
 
         class CheckOnly:
-            """The Saver a real run passes to fit, minus the saving: only the per-step agreement runs."""
+            """The Checkpointer a real run passes to fit, minus the saving: only the per-step agreement runs."""
 
             def __init__(self) -> None:
                 self.signals = StopSignals(["SIGUSR1", "SIGUSR2"])

@@ -38,7 +38,7 @@ from dtrain.loop.state import TrainState
 from dtrain.loop.step import Window, epoch_windows, train_step
 from dtrain.loop.task import Task
 from dtrain.errors import ConfigError, DTrainError
-from dtrain.checkpoint.resume import new_run_dir
+from dtrain.checkpoint.rundir import new_run_dir
 from dtrain.run import session
 
 PROG = "dtrain.lr_find"

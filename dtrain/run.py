@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 
 from dtrain.checkpoint import store as checkpoint
-from dtrain.checkpoint.store import mark_finished, write_atomic
+from dtrain.checkpoint.store import mark_finished
 from dtrain.loop.compiling import CompileWatch, compile_in_place
-from dtrain.config import Config, to_dict, to_yaml
+from dtrain.config import Config, global_batch, to_dict, to_yaml
 from dtrain.parallel.ddp import wrap_ddp
 from dtrain.data.loaders import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
 from dtrain.runtime.dist import DistState, distributed, resolve_backend, resolve_device
@@ -31,7 +31,11 @@ from dtrain.loop.nonfinite import NonFiniteGuard
 from dtrain.runtime.signals import StopSignals
 from dtrain.loop.preflight import check_first_batch
 from dtrain.loggers.progress import Progress
-from dtrain.checkpoint.resume import Saver, Start, claim, decide_start, global_batch, print_main, requeue_slurm_job, restore
+from dtrain.checkpoint.rundir import Start, claim, decide_start
+from dtrain.checkpoint.saving import Checkpointer, restore
+from dtrain.checkpoint.slurm import requeue_slurm_job
+from dtrain.runtime.console import print_main
+from dtrain.runtime.files import write_atomic
 from dtrain.runtime.seeding import rank_seed, seed_everything
 from dtrain.loop.state import TrainState
 from dtrain.loop.task import Task, build_task
@@ -168,7 +172,7 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
     destroyed.
 
     `prepare` runs on rank 0 and may return a Start: where the run writes and which checkpoint it continues
-    from; it is carried out (`resume.claim`) once every rank has built its data, model and optimizer.
+    from; it is carried out (`rundir.claim`) once every rank has built its data, model and optimizer.
     `total_steps` overrides the plan's step count (the LR finder's own length).
     """
     given = given or Given()
@@ -303,7 +307,7 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
                            f"epoch {loop.epoch + 1}, step {loop.window_in_epoch} of the epoch)")
         try:
             with logger, StopSignals(cfg.checkpoint.signals, cfg.checkpoint.stop_grace_s, ds.watch) as signals:
-                saver = Saver(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
+                saver = Checkpointer(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
                 guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, ds.device,
                                        check_grads=loop.precision.scaler is None)
                 outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter, guard)

@@ -326,7 +326,7 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
     from torch.utils.data import TensorDataset
 
     import dtrain
-    from dtrain.checkpoint import resume
+    from dtrain.checkpoint import saving
 
     calls = {"metric": 0, "forward": 0}
 
@@ -345,7 +345,7 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
             return super().forward(x)
 
     if when in ("save", "final save"):
-        real_save = resume.Saver.save
+        real_save = saving.Checkpointer.save
         at = 6 if when == "save" else 9
 
         def save(self, state, meter):  # type: ignore[no-untyped-def]
@@ -353,7 +353,7 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
                 raise OSError("disk gone")
             return real_save(self, state, meter)
 
-        monkeypatch.setattr(resume.Saver, "save", save)
+        monkeypatch.setattr(saving.Checkpointer, "save", save)
     if when in ("log", "epoch end", "final check"):
         from dtrain.loop.meters import Meter
 

@@ -1,2 +1,2 @@
-"""Checkpoints: the on-disk commit protocol, where a run starts (new, resumed, finished), and saving
-and restoring a run. May import `loop` and everything below it."""
+"""Checkpoints: the on-disk commit protocol (store), where a run starts (rundir), saving and restoring a run
+(saving), the Slurm requeue after a signal (slurm). May import `loop` and everything below it."""

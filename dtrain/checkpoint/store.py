@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from dtrain.errors import DTrainError
+from dtrain.runtime.files import fsync_dir, write_atomic
 
 SUBDIR = "checkpoints"
 STATE = "state.pt"
@@ -42,30 +43,6 @@ _PREFIX = "step-"
 
 def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, SUBDIR)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write a file whole or not at all: a temporary name, fsync, rename, fsync the directory."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 @dataclass(frozen=True)
@@ -144,9 +121,9 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
             json.dump(commit, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (a full disk) as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]

@@ -297,6 +297,11 @@ class Config:
     reported and left alone) | never | the path of a checkpoint directory to continue from."""
 
 
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Samples per optimizer step over all ranks: what a resume on another world size must keep."""
+    return cfg.data.batch_size * cfg.train.grad_accum_steps * world_size
+
+
 class ConfigFileError(ConfigError):
     """A config file that cannot be read as a mapping of plain values; the same on every rank."""
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 from dtrain.errors import DTrainError
 from dtrain.loggers.base import Record
+from dtrain.runtime.files import write_atomic
 
 
 def _kept_lines(path: str, up_to_step: int) -> list[str]:
@@ -39,8 +40,6 @@ class JsonlLogger:
             # Resumed: the records up to the checkpoint stay, those after it go (they will be
             # logged again), so every step appears exactly once. Rewritten under a temporary
             # name, then renamed: a crash here leaves the old file whole.
-            from dtrain.checkpoint.store import write_atomic
-
             try:
                 write_atomic(path, "".join(_kept_lines(path, resume_step)).encode("utf-8"))
             except OSError as exc:

@@ -1,32 +1,22 @@
 """Where a run starts: a new output directory, an earlier run's newest checkpoint, or a run already finished.
 
-And the two halves of continuing: `Saver` gathers what every rank must keep
-(one collective) and has rank 0 commit it; `restore` puts a checkpoint back
-into a freshly built run on every rank.
+`decide_start` only looks; `claim` acts, once every rank is set up, so a run that fails to start leaves an
+earlier one as it was. Only a directory holding dtrain's marker is ever resumed or replaced.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
-import torch.distributed as dist
+from typing import Any, Optional
 
 from dtrain.checkpoint import store as checkpoint
 from dtrain.config import Config, resume_conflicts, to_dict
-from dtrain.data.loaders import Loaders
-from dtrain.runtime.dist import DistState
 from dtrain.errors import ConfigError, DTrainError
-from dtrain.loop.meters import Meter
-from dtrain.runtime.signals import StopSignals
-from dtrain.runtime.seeding import rank_seed, rng_state, seed_everything, set_rng_state
-from dtrain.loop.state import TrainState
+from dtrain.runtime.files import write_atomic
 
 # What a run writes into output_dir; overwrite=true removes all of it (and nothing else), so a
 # replaced run leaves no stale event file, plot, weights or checkpoint behind.
@@ -122,7 +112,7 @@ def claim(start: Start) -> None:
         os.makedirs(checkpoint.checkpoints_dir(path), exist_ok=True)
         marker = os.path.join(path, MARKER)
         if not os.path.exists(marker):
-            checkpoint.write_atomic(marker, b"dtrain run directory: overwrite=true may replace what dtrain wrote here\n")
+            write_atomic(marker, b"dtrain run directory: overwrite=true may replace what dtrain wrote here\n")
     except OSError as exc:
         raise DTrainError(f"cannot prepare the output directory {path}: {exc.strerror or exc}"
                           + (f" ({exc.filename})" if exc.filename else "")) from None
@@ -193,118 +183,3 @@ def _remove_outputs(path: str) -> None:
             shutil.rmtree(target)
         elif os.path.lexists(target):
             os.remove(target)
-
-
-def global_batch(cfg: Config, world_size: int) -> int:
-    return cfg.data.batch_size * cfg.train.grad_accum_steps * world_size
-
-
-def restore(state: TrainState, payload: dict[str, Any], cfg: Config, loaders: Loaders, meter: Meter,
-            path: str) -> None:
-    """Put a checkpoint back on this rank, after checking that it belongs to this config."""
-    ds = state.dist
-    conflicts = resume_conflicts(payload["config"], to_dict(cfg))
-    if conflicts:
-        raise DTrainError(f"cannot resume from {path}: the config differs from the checkpoint's in what changes "
-                          f"the math: {'; '.join(conflicts)}; use resume=never with a new output_dir, or "
-                          "overwrite=true, to start over")
-    saved_batch, batch = int(payload["global_batch"]), global_batch(cfg, ds.world_size)
-    if saved_batch != batch:
-        raise DTrainError(f"cannot resume from {path}: its global batch is {saved_batch}, this run's is {batch} "
-                          f"({cfg.data.batch_size} x {cfg.train.grad_accum_steps} x {ds.world_size} processes); "
-                          "change data.batch_size or train.grad_accum_steps so that they match")
-    try:
-        state.load_state_dict(payload["train"])
-    except (RuntimeError, KeyError, ValueError) as exc:  # e.g. a model factory changed since the save
-        first = " ".join(str(exc).split())[:300]
-        raise DTrainError(f"cannot resume from {path}: it does not fit this run's model or optimizer "
-                          f"({type(exc).__name__}: {first})") from None
-    meter.load_global_state(payload["meters"], ds.is_main)
-    rngs = payload["rng"]
-    if int(payload["world_size"]) == ds.world_size:
-        set_rng_state(rngs[str(ds.rank)], loaders.workers_rng)
-    else:
-        # Other ranks than were saved: fresh per-rank streams, still a function of
-        # (seed, rank, world size) and of the step, so a rerun repeats them.
-        seed = rank_seed(cfg.train.seed + state.step, ds.rank, ds.world_size)
-        seed_everything(seed)
-        loaders.workers_rng.manual_seed(seed)
-
-
-class Saver:
-    """Saves a checkpoint of the whole job: called by every rank at the same step boundary."""
-
-    def __init__(self, cfg: Config, output_dir: str, ds: DistState, loaders: Loaders, signals: StopSignals,
-                 run_id: Callable[[], Optional[str]], say: Callable[[str], None]) -> None:
-        self.cfg, self.output_dir, self.ds, self.loaders = cfg, output_dir, ds, loaders
-        self.signals, self.run_id, self.say = signals, run_id, say
-
-    def save(self, state: TrainState, meter: Meter) -> None:
-        with self.signals.busy():  # ranks wait in collectives while rank 0 writes: not "blocked"
-            self._save(state, meter)
-
-    def _save(self, state: TrainState, meter: Meter) -> None:
-        started = time.perf_counter()
-        meters = meter.global_state(self.ds)  # collective: every rank is here
-        mine = rng_state(self.loaders.workers_rng)
-        rngs: list[Any] = [mine]
-        if self.ds.world_size > 1:
-            rngs = [None] * self.ds.world_size
-            dist.all_gather_object(rngs, mine)
-
-        def write() -> str:
-            payload = {"format": 1, "train": state.state_dict(), "meters": meters,
-                       "rng": {str(r): s for r, s in enumerate(rngs)}, "world_size": self.ds.world_size,
-                       "global_batch": global_batch(self.cfg, self.ds.world_size), "config": to_dict(self.cfg),
-                       "wandb_id": self.run_id()}
-            return checkpoint.save(self.output_dir, state.step, state.epoch, payload, self.cfg.checkpoint.keep)
-
-        # Rank 0 writes; a failure there (a full disk) reaches every rank as one error.
-        path = self.ds.run_on_main(write, share_result=False)
-        if self.ds.is_main:
-            size = os.path.getsize(os.path.join(path, checkpoint.STATE))
-            self.say(f"dtrain: checkpoint of step {state.step} saved in {time.perf_counter() - started:.2f} s "
-                     f"({size / 2**20:.1f} MiB): {path}")
-
-
-REQUEUE_FLAG_ENV = "DTRAIN_REQUEUE_FLAG"
-"""Set by a batch script that requeues the job itself once its step has ended (slurm/*.sbatch do)."""
-
-
-def requeue_slurm_job(say: Callable[[str], None]) -> None:
-    """Rank 0, after a signal's checkpoint, once everything is closed: put the Slurm job back in the queue.
-
-    `scontrol requeue` ends the running step at once (SIGTERM to each of its processes), so issued from
-    here it cuts short whatever is still exiting: other ranks, torchrun (which then prints a traceback).
-    A batch script that sets DTRAIN_REQUEUE_FLAG gets a file there instead and requeues after `srun`
-    returns, when nothing of the step is left to kill.
-    """
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return
-    flag = os.environ.get(REQUEUE_FLAG_ENV)
-    if flag:
-        try:
-            checkpoint.write_atomic(flag, f"{job}\n".encode())
-            say(f"dtrain: asked the batch script to requeue Slurm job {job}; it resumes from the checkpoint")
-            return
-        except OSError as exc:
-            say(f"dtrain: cannot write {flag} ({exc.strerror or exc}); requeueing Slurm job {job} from here")
-    try:
-        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        say(f"dtrain: could not requeue Slurm job {job}: {exc}; resubmit the same command to resume")
-        return
-    if res.returncode == 0:
-        say(f"dtrain: requeued Slurm job {job}; it resumes from the checkpoint")
-    else:
-        why = " ".join((res.stderr or res.stdout).split()) or f"exit {res.returncode}"
-        say(f"dtrain: Slurm job {job} was not requeued ({why}); submit it with --requeue, or resubmit "
-            "the same command to resume")
-
-
-def print_main(ds: DistState) -> Callable[[str], None]:
-    def say(line: str) -> None:
-        if ds.is_main:
-            print(line, file=sys.stdout, flush=True)
-    return say

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dtrain
 from dtrain.__main__ import main
-from helpers import REPO, dtrain as run_dtrain, records, rel_diff, run, torchrun
+from helpers import REPO, dtrain as run_dtrain, records, rel_diff, run
 from test_logging import read_wandb_run, tensorboard_points, wandb_env, wandb_points
 
 EXAMPLES = REPO / "examples"
@@ -221,9 +221,9 @@ def test_api_takes_objects_config_and_overrides(tmp_path: Path) -> None:
         seen.append((input_shape, num_classes))
         return nn.Linear(input_shape[0], num_classes)
 
-    result = dtrain.train(model=factory, train_data=TensorDataset(x[:60], y[:60]), eval_data=TensorDataset(x[60:], y[60:]),
-                          loss=nn.CrossEntropyLoss(), metrics={"acc": "accuracy"}, config=cfg,
-                          overrides=[f"output_dir={tmp_path}", "optim.lr=0.2"])
+    result = dtrain.train(model=factory, train_data=TensorDataset(x[:60], y[:60]),
+                          eval_data=TensorDataset(x[60:], y[60:]), loss=nn.CrossEntropyLoss(),
+                          metrics={"acc": "accuracy"}, config=cfg, overrides=[f"output_dir={tmp_path}", "optim.lr=0.2"])
     assert seen == [((4,), 2)]
     assert isinstance(result.model, nn.Linear) and result.is_main and result.config.optim.lr == 0.2
     assert result.eval is not None and set(result.eval) == {"loss", "acc", "samples"} and result.eval["acc"] > 0.8

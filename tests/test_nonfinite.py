@@ -29,7 +29,8 @@ LR, MOMENTUM = 0.5, 0.9
 
 def _args(out: Path, mode: str, *extra: str, nproc: int = 2) -> list[str]:
     return ["model.name=tests.workers.nan_model:build", "data.name=tests.workers.nan_model:data",
-            f"data.batch_size={nan_model.SAMPLES // nproc}", f"train.epochs={STEPS}", f"optim.lr={LR}", f"optim.momentum={MOMENTUM}",
+            f"data.batch_size={nan_model.SAMPLES // nproc}", f"train.epochs={STEPS}", f"optim.lr={LR}",
+            f"optim.momentum={MOMENTUM}",
             "log.progress=none", f"train.on_nonfinite={mode}", f"output_dir={out}", *extra]
 
 

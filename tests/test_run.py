@@ -75,8 +75,8 @@ def test_a_finished_run_leaves_no_process_group_threads(tmp_path: Path) -> None:
 
 def test_a_native_crash_shows_the_python_stack(tmp_path: Path) -> None:
     # A signal number alone ("exitcode -6") says nothing about where a job died.
-    result = run([sys.executable, "-m", "dtrain", "data.name=synthetic", "model.name=tests.workers.aborting_model:build",
-                  f"output_dir={tmp_path}/run"])
+    result = run([sys.executable, "-m", "dtrain", "data.name=synthetic",
+                  "model.name=tests.workers.aborting_model:build", f"output_dir={tmp_path}/run"])
     assert result.returncode == -6, result
     assert "Fatal Python error: Aborted" in result.stderr
     assert "aborting_model.py" in result.stderr

@@ -10,7 +10,6 @@ must see one run whose steps only increase.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -155,7 +154,6 @@ def test_requeue_or_preemption_mid_run_resumes_to_the_uninterrupted_weights(
     run, out = tmp_path / "runs" / f"slurm-{job}", tmp_path / f"slurm-{job}.out"
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 15, 120, "15 steps", cluster, out)
-    sent = time.monotonic()
     if how == "scontrol-requeue":
         cluster.scontrol("requeue", str(job))
     else:
@@ -182,7 +180,7 @@ def test_a_users_own_script_is_requeued_by_rank_0(cluster: SlurmCluster, referen
     step, as `--signal=USR1@N` sends it, and rank 0 runs `scontrol requeue` itself after saving."""
     script = tmp_path / "mine.sbatch"
     script.write_text("#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --requeue\n#SBATCH --open-mode=append\n"
-                      f'srun python -m dtrain output_dir=runs/mine-$SLURM_JOB_ID "$@"\n')
+                      'srun python -m dtrain output_dir=runs/mine-$SLURM_JOB_ID "$@"\n')
     env = job_env(cluster, tmp_path, sleep_s=0.1)
     job = cluster.sbatch(["--cpus-per-task=1", str(script), *ARGS, MODEL], env, tmp_path)
     run, out = tmp_path / "runs" / f"mine-{job}", tmp_path / f"slurm-{job}.out"

@@ -60,7 +60,9 @@ def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]], num_clas
         input_shape = cfg.kwargs.get("input_shape", input_shape)
         num_classes = cfg.kwargs.get("num_classes", num_classes)
         if input_shape is None or num_classes is None:
-            raise _name_error(cfg.name, f"the data does not say its {'input shape' if input_shape is None else 'number of outputs'}: set model.kwargs={{{'input_shape' if input_shape is None else 'num_classes'}: ...}}, or return dtrain.Datasets(..., {'input_shape' if input_shape is None else 'num_classes'}=...) from the data factory")
+            what, key = ("input shape", "input_shape") if input_shape is None else ("number of outputs", "num_classes")
+            raise _name_error(cfg.name, f"the data does not say its {what}: set model.kwargs={{{key}: ...}}, "
+                                        f"or return dtrain.Datasets(..., {key}=...) from the data factory")
         model = mlp(input_shape, num_classes, cfg.hidden) if cfg.name == "mlp" else _cnn(input_shape, num_classes)
         return prepare_model(model, cfg.init, cfg.freeze)
     fn = load_callable("model.name", cfg.name, "mlp | cnn | a factory 'package.module:function'")

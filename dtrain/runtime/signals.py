@@ -200,3 +200,35 @@ class StopSignals:
             # SIGTERM is the launcher's last word (SIGKILL follows in about 30 s), and what torchrun
             # sends when a peer died: the monitor thread gives up if no boundary comes in grace_s.
             # USR1/USR2 are advance notice (Slurm's --signal=USR1@120): no deadline for them.
+
+
+# --- DataLoader workers -------------------------------------------------------------------------------------
+# torch and multiprocessing stop workers with SIGTERM (and a join without timeout at exit):
+# a worker that ignored it, or took it for "save and stop", would hang its rank's exit.
+_WORKERS_MUST_HEED = ("SIGINT", "SIGHUP")
+WORKER_SIGTERM_GRACE_S = 60.0
+"""How long a DataLoader worker outlives a SIGTERM: its rank stops at the next step boundary and
+then ends its workers the normal way, so this only bounds a worker that is stuck in user code."""
+
+
+def worker_signals(names: tuple[str, ...], worker_id: int) -> None:
+    """In each DataLoader worker (its worker_init_fn, with the run's stop signals bound as `names`):
+    forget the parent's stop-signal handlers (a forked worker inherits them). Slurm signals every
+    process of a step: at a time limit, a preemption or a requeue the workers get the same SIGTERM
+    (or --signal's USR1) as their rank, and a worker that died of it would fail the rank's next
+    batch before the rank reaches the step boundary where it saves. So USR1/USR2 are ignored, and
+    SIGTERM ends the worker only after a grace period."""
+    for name in names:
+        sig = getattr(signal, name)
+        if name == "SIGTERM":
+            signal.signal(sig, _delayed_exit)
+        else:
+            signal.signal(sig, signal.SIG_DFL if name in _WORKERS_MUST_HEED else signal.SIG_IGN)
+
+
+def _delayed_exit(signum: int, frame: Any) -> None:
+    if not getattr(_delayed_exit, "armed", False):
+        _delayed_exit.armed = True  # type: ignore[attr-defined]
+        timer = threading.Timer(WORKER_SIGTERM_GRACE_S, os._exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()

@@ -279,22 +279,6 @@ def test_an_attempt_that_died_before_its_first_checkpoint_restarts_and_keeps_its
     assert "overwrite=true" in capsys.readouterr().err
 
 
-def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(tmp_path: Path) -> None:
-    import dtrain as api
-    from torch import nn
-    from torch.utils.data import TensorDataset
-
-    x = torch.randn(64, 4)
-    data = TensorDataset(x, (x[:, 0] > 0).long())
-    args = ["train.epochs=1", "log.progress=none", "checkpoint.every_steps=1", f"output_dir={tmp_path}"]
-    api.train(model=nn.Linear(4, 2), train_data=data, eval_data=data, overrides=args)
-    os.remove(tmp_path / "checkpoints" / "finished.json")
-    with pytest.raises(DTrainError) as err:
-        api.train(model=nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), train_data=data, eval_data=data,
-                  overrides=args)
-    assert "does not fit this run's model or optimizer" in str(err.value) and "\n" not in str(err.value)
-
-
 # ---------------------------------------------------------------- a full disk during a real run
 
 def _assert_said_by_each_rank(stderr: str, message: str) -> None:

@@ -47,12 +47,24 @@ class FakeRun:
         self.step = int(state["step"])
 
 
+class FakeSource:
+    """The train data's part: its place in the epoch and the RNG that seeds its workers."""
+
+    def __init__(self, position: int = 0) -> None:
+        self.position, self.workers_rng = position, torch.Generator()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window_in_epoch": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["window_in_epoch"])
+
+
 def _save(tmp_path: Path, states: dict[str, Any]) -> tuple[Any, str, DistState]:
     cfg = load_config(None, ["data.name=synthetic", f"output_dir={tmp_path}"])
     ds = DistState("none", 0, 0, 1, "gloo", torch.device("cpu"))
-    loaders = SimpleNamespace(workers_rng=torch.Generator())
     signals = SimpleNamespace(busy=contextlib.nullcontext)
-    saver = Checkpointer(cfg, str(tmp_path), ds, loaders, signals, lambda: None, lambda line: None,  # type: ignore[arg-type]
+    saver = Checkpointer(cfg, str(tmp_path), ds, FakeSource(position=2), signals, lambda: None, lambda line: None,  # type: ignore[arg-type]
                          states=states)
     saver.save(FakeRun(ds, step=7), Meter(ds.device))  # type: ignore[arg-type]
     return cfg, checkpoint.committed(str(tmp_path))[-1].path, ds
@@ -69,7 +81,7 @@ def test_registered_states_are_saved_by_name_and_given_back(tmp_path: Path) -> N
 
     again, untouched = Counter(), Counter(calls=9)
     run = FakeRun(ds)
-    restore(run, payload, cfg, SimpleNamespace(workers_rng=torch.Generator()), Meter(ds.device), path,  # type: ignore[arg-type]
+    restore(run, payload, cfg, FakeSource(), Meter(ds.device), path,  # type: ignore[arg-type]
             states={"counter": again, "added_later": untouched})
     assert run.step == 7
     assert again.calls == 5 and torch.equal(again.seen, torch.full((2,), 1.5))

@@ -4,33 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from dtrain.errors import DTrainError
+from dtrain.loop.record import Record  # noqa: F401  (loggers write what the loop records)
 from dtrain.runtime.termination import TerminationGuard
-
-# How a record's fields are named on the dashboards (W&B, TensorBoard): metrics.jsonl
-# keeps the flat record schema, the dashboards get "section/name" for every value but
-# the sample count. Every value reaches them, a user metric's under its own name.
-DASHBOARD_PREFIX = {"train": "train/", "train_epoch": "train/epoch_", "eval": "eval/"}
-NOT_ON_DASHBOARDS = {"samples"}
-
-
-@dataclass(frozen=True)
-class Record:
-    split: str
-    """train | train_epoch | eval"""
-    step: int
-    """Optimizer steps taken so far (starts at 1)."""
-    epoch: int
-    """1-based epoch the record belongs to."""
-    values: dict[str, float] = field(default_factory=dict)
-
-    def dashboard(self) -> dict[str, float]:
-        prefix = DASHBOARD_PREFIX.get(self.split, f"{self.split}/")
-        return {prefix + k: v for k, v in self.values.items() if k not in NOT_ON_DASHBOARDS}
-
 
 class Logger(Protocol):
     def log(self, record: Record) -> None: ...

@@ -1,0 +1,49 @@
+"""The callbacks a run calls, in order: dtrain's own duties first (so a user's callback sees their records
+and requests), then the user's."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from dtrain.callbacks.checkpointing import Checkpointing, Saves
+from dtrain.callbacks.logging import LoggerHealth, TrainLog
+from dtrain.callbacks.nonfinite import NonFiniteCheck
+from dtrain.callbacks.signals import StopOnSignal
+from dtrain.loggers import MultiLogger
+from dtrain.loggers.progress import Progress
+from dtrain.loop.checks import Checks
+from dtrain.loop.engine import Duties
+from dtrain.loop.hooks import Callback, Hooks, Requests, RunView
+from dtrain.loop.meters import Meter, Timer
+from dtrain.loop.nonfinite import NonFiniteGuard
+from dtrain.loop.state import TrainState
+from dtrain.loop.steering import Steering
+from dtrain.runtime.agreement import LaggedAgreement
+from dtrain.runtime.signals import StopSignals
+
+
+def build_duties(state: TrainState, logger: MultiLogger, progress: Progress, meter: Optional[Meter] = None,
+                 guard: Optional[NonFiniteGuard] = None, checkpointer: Optional[Saves] = None,
+                 signals: Optional[StopSignals] = None, every_steps: Optional[int] = None,
+                 every_minutes: Optional[float] = None, callbacks: Sequence[Callback] = ()) -> Duties:
+    """Right before `fit`: the logging window's clock starts here. `meter`: a resumed run's sums."""
+    dist_state = state.dist
+    meter = meter if meter is not None else Meter(dist_state.device)
+    clock = Timer()
+    agreement = LaggedAgreement(dist_state)
+    checks = Checks(dist_state, [LoggerHealth(logger, dist_state, agreement)], agreement)
+    watching = guard if guard is not None and guard.active else None
+    show_skipped = state.precision.scaler is not None or (watching is not None and watching.skips)
+    stack: list[Callback] = [TrainLog(logger, progress, meter, clock, checks, show_skipped)]
+    if watching is not None:
+        check = NonFiniteCheck(watching, state)
+        checks.checks.append(check)
+        stack.append(check)
+    if signals is not None:
+        stack.append(StopOnSignal(signals))  # before the checkpoint: a stop's save is acknowledged first
+    if checkpointer is not None:
+        stack.append(Checkpointing(checkpointer, meter, checks, every_steps, every_minutes))
+    hooks = Hooks([*stack, *callbacks])
+    requests = Requests()
+    steering = Steering(dist_state, requests, agreement, hooks.requests_alone)
+    return Duties(RunView(state, requests), hooks, steering, checks, meter, clock, guard)

@@ -1,0 +1,62 @@
+"""The callbacks' requests (stop, save, evaluate) turned into one decision every rank takes at the same
+step boundary.
+
+A request made on every rank at the same step (`all_ranks=True`: a periodic checkpoint, a decision
+from global values) is acted on at once. One made on some ranks only (a signal, rank 0's clock) rides
+the lagged agreement (`runtime.agreement.LaggedAgreement`): one tiny host all-reduce every ~0.2 s of
+training, collected a round later, so it never waits on a step. No request costs a collective of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from dtrain.loop.hooks import Requests
+from dtrain.runtime.agreement import LaggedAgreement
+from dtrain.runtime.dist import DistState
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: Optional[str] = None
+    """Why the run stops here (None: it goes on)."""
+    save: bool = False
+    eval: bool = False
+
+
+ELSEWHERE = "a signal on another rank"
+"""Why a rank stops when the stop was asked for on another rank only."""
+
+
+class Steering:
+    def __init__(self, dist_state: DistState, requests: Requests, agreement: LaggedAgreement, agree: bool) -> None:
+        self.dist_state = dist_state
+        self.requests = requests
+        self.agreement = agreement
+        self.agree = agree and dist_state.world_size > 1
+        """Whether a rank's own requests need a round of agreement: some callback may request alone."""
+        self._sent: Optional[str] = None
+        """The reason of this rank's last stop request sent for agreement."""
+
+    def decide(self, step: int) -> Decision:
+        r = self.requests
+        flags = [r.stop is not None, r.save, r.eval]
+        if self.agree:
+            due = step >= self.agreement.next_round
+            agreed = self.agreement.poll(step, flags)
+            if due:  # sent in this round: each request goes out once
+                self._sent = r.stop or self._sent
+                r.stop, r.save, r.eval = None, False, False
+            stop = r.stop_now or ((self._sent or ELSEWHERE) if agreed[0] else None)
+        else:
+            agreed = flags
+            stop = r.stop_now or r.stop
+            r.stop, r.save, r.eval = None, False, False
+        decision = Decision(stop, r.save_now or agreed[1], r.eval_now or agreed[2])
+        r.stop_now, r.save_now, r.eval_now = None, False, False
+        return decision
+
+    def settle(self) -> None:
+        """Collect the round in flight, so no collective is left behind when the loop ends."""
+        self.agreement.settle()

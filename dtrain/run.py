@@ -17,7 +17,8 @@ from dtrain.loop.compiling import CompileWatch, compile_in_place
 from dtrain.config import Config, global_batch, to_dict, to_yaml
 from dtrain.parallel.ddp import wrap_ddp
 from dtrain.data.loaders import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
-from dtrain.runtime.dist import DistState, distributed, resolve_backend, resolve_device
+from dtrain.runtime.devices import resolve_backend, resolve_device
+from dtrain.runtime.dist import DistState, distributed
 from dtrain.loop.engine import FitPlan, fit, steps_per_epoch
 from dtrain.runtime.env import detect_launch
 from dtrain.errors import DTrainError

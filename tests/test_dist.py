@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dtrain.runtime.dist import resolve_device
+from dtrain.runtime.devices import resolve_device
 from dtrain.runtime.env import detect_launch
 from dtrain.errors import DTrainError
 from helpers import worker

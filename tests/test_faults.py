@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from dtrain.runtime.faults import describe
+from dtrain.runtime.faults import failure_line
 from helpers import REPO, child_env, dtrain, free_port, srun_like
 
 pytestmark = pytest.mark.multiproc
@@ -181,15 +181,15 @@ def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
                                   "free MASTER_PORT")
 
 
-def test_describe_names_step_and_peers_without_library_boilerplate() -> None:
+def test_failure_line_names_step_and_peers_without_library_boilerplate() -> None:
     exc = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
                        "[127.0.0.1]:54450. This is typically caused by a remote worker crashing. GLHF!")
     exc.dtrain_where = "step 7"  # type: ignore[attr-defined]
     exc.dtrain_blame = {3: "last heard of at step 6, no heartbeat: died"}  # type: ignore[attr-defined]
-    assert describe(exc, "0") == ("rank 0 in step 7: lost contact with the other ranks (rank 3: last heard of at step "
-                                  "6, no heartbeat: died) [Connection closed by peer [127.0.0.1]:54450]; the failed "
-                                  "rank's own message, or the launcher's report, says why")
-    assert describe(ValueError("bad\nvalue"), "2") == "rank 2 failed: ValueError: bad value"
+    assert failure_line(exc, "0") == ("rank 0 in step 7: lost contact with the other ranks (rank 3: last heard of at "
+                                      "step 6, no heartbeat: died) [Connection closed by peer [127.0.0.1]:54450]; the "
+                                      "failed rank's own message, or the launcher's report, says why")
+    assert failure_line(ValueError("bad\nvalue"), "2") == "rank 2 failed: ValueError: bad value"
 
 
 def test_an_error_every_rank_sees_is_printed_once(tmp_path: Path) -> None:
@@ -270,7 +270,7 @@ def test_the_peer_watch_lets_go_of_the_store() -> None:
 
     import torch.distributed as dist
 
-    from dtrain.runtime.dist import PeerWatch
+    from dtrain.runtime.peers import PeerWatch
 
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))
@@ -294,7 +294,7 @@ def test_the_peer_watch_blames_the_dead_and_the_stalled_peer() -> None:
 
     import torch.distributed as dist
 
-    from dtrain.runtime.dist import PeerWatch
+    from dtrain.runtime.peers import PeerWatch
 
     store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=datetime.timedelta(seconds=5))
     watches = [PeerWatch(store, r, 4, interval_s=0.05) for r in range(4)]
@@ -361,7 +361,7 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
         # Meter.take: row 0 at each log record (every 2 steps, then the end), row 1 at each epoch's end;
         # the final check settles the lagged agreement, then all-reduces the non-finite flags.
         if when == "final check":
-            from dtrain.runtime.dist import LaggedAgreement
+            from dtrain.runtime.agreement import LaggedAgreement
 
             def settle(self):  # type: ignore[no-untyped-def]
                 if takes["n"] >= 3:  # after epoch 3's take

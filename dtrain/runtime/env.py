@@ -106,7 +106,7 @@ class EnvVars:
 
         Taking RANK for it is right on one node only: rank 5 of a 4-per-node job
         would bind cuda:5. Unknown is fine for a single process, on CPU or with
-        one visible GPU; `dist.resolve_device` refuses it on a node with several.
+        one visible GPU; `devices.resolve_device` refuses it on a node with several.
         """
         if "LOCAL_RANK" in env:
             return _int(env, "LOCAL_RANK")

@@ -71,7 +71,9 @@ def is_timeout(exc: BaseException) -> bool:
     return bool(re.search(r"timed out|timeout", str(exc), re.IGNORECASE))
 
 
-def describe(exc: BaseException, rank: str, timeout_s: Optional[int] = None) -> str:
+def failure_line(exc: BaseException, rank: str, timeout_s: Optional[int] = None) -> str:
+    """The one line rank `rank` says about `exc`: where it was, and for a communication failure which
+    peers to blame, without the collective library's source paths and advice."""
     doing = getattr(exc, WHERE_ATTR, None)
     where = f" in {doing}" if doing else ""
     if is_communication_failure(exc):
@@ -92,7 +94,7 @@ def report(exc: BaseException, prog: str, timeout_s: Optional[int] = None) -> No
     """Print what failed on this rank: a communication failure in one line, anything else with its
     traceback and then one line; record that line for torchrun's report."""
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    line = describe(exc, rank, timeout_s)
+    line = failure_line(exc, rank, timeout_s)
     comm = is_communication_failure(exc)
     if not comm:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)

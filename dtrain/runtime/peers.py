@@ -1,0 +1,182 @@
+"""The ranks meeting and watching each other: the rendezvous that names who did not come, and the
+heartbeats that say, when a collective fails, which peer was dead or stalled."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import torch.distributed as dist
+
+from dtrain.errors import DTrainError
+from dtrain.runtime import faults
+from dtrain.runtime.env import LaunchInfo
+
+
+ARRIVED = "dtrain/arrived"
+FAILED = "dtrain/failed"
+WAITED = "dtrain/waited"
+
+
+def rendezvous(launch: LaunchInfo, start_timeout_s: int, step_timeout_s: int) -> Any:
+    """A TCPStore on rank 0 that every rank joins, or one line naming who did not come.
+
+    torch's own tcp:// start waits for the store's clients until the collective timeout and then
+    reports only "1/2 clients joined"; here the wait has its own limit (dist.start_timeout_s), and
+    each rank leaves its number in the store, so the message can name the missing ones."""
+    timeout = datetime.timedelta(seconds=start_timeout_s)
+    where = f"{launch.master_addr}:{launch.master_port}"
+    deadline = time.monotonic() + start_timeout_s
+    if launch.rank != 0:
+        # Wait for rank 0's port here: TCPStore's own retries log a C++ stack trace per attempt.
+        while True:
+            try:
+                socket.create_connection((launch.master_addr, int(launch.master_port)), timeout=1).close()
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise DTrainError(f"could not reach rank 0 at MASTER_ADDR:MASTER_PORT {where} within "
+                                      f"dist.start_timeout_s={start_timeout_s} s ({exc.strerror or exc}); is rank 0 "
+                                      "running, and is the address right?") from None
+                time.sleep(0.2)
+    try:
+        store = dist.TCPStore(launch.master_addr, int(launch.master_port), launch.world_size, launch.rank == 0,
+                              timeout=timeout, wait_for_workers=False)
+    except Exception as exc:  # noqa: BLE001 - DistNetworkError, DistStoreError, RuntimeError by version
+        text = " ".join(str(exc).split())
+        if launch.rank == 0 and re.search(r"in use|EADDRINUSE|bind", text, re.IGNORECASE):
+            raise DTrainError(f"rank 0 cannot listen on MASTER_PORT {where}: the port is in use (another job on "
+                              "this node?); choose a free MASTER_PORT") from None
+        raise DTrainError(f"could not reach rank 0 at MASTER_ADDR:MASTER_PORT {where} within "
+                          f"dist.start_timeout_s={start_timeout_s} s ({text[:200]}); is rank 0 running, and is "
+                          "the address right?") from None
+    store.set(f"{ARRIVED}/{launch.rank}", "1")
+    arrived = store.add(ARRIVED, 1)
+    while arrived < launch.world_size:
+        if time.monotonic() > deadline:
+            missing = [r for r in range(launch.world_size) if not store.check([f"{ARRIVED}/{r}"])]
+            raise DTrainError(
+                f"only {launch.world_size - len(missing)} of {launch.world_size} ranks arrived within "
+                f"dist.start_timeout_s={start_timeout_s} s; missing: rank {', '.join(map(str, missing))} "
+                f"(WORLD_SIZE={launch.world_size}: start every rank, or raise dist.start_timeout_s if they start "
+                "late)")
+        time.sleep(0.2)
+        arrived = store.add(ARRIVED, 0)
+    # From here on the store serves the process group's own set-up and dtrain's heartbeats:
+    # its waits follow the step timeout, not the start-up one.
+    store.set_timeout(datetime.timedelta(seconds=step_timeout_s))
+    return store
+
+
+class PeerWatch:
+    """Each rank's step and a heartbeat, published to the store every second by a background
+    thread, and a place where the first rank that fails says so.
+
+    It costs the loop nothing (the thread reads a Python int: no device sync, no collective).
+    When a collective fails, the rank that saw it can then say which peers were behind or gone;
+    when a rank fails, the others (stopping on the launcher's SIGTERM) learn at once that no step
+    boundary will come, instead of waiting out checkpoint.stop_grace_s."""
+
+    def __init__(self, store: Any, rank: int, world_size: int, interval_s: float = 1.0) -> None:
+        self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
+        self.step_of: Callable[[], int] = lambda: 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dtrain-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.store.set(f"dtrain/step/{self.rank}", str(self.step_of()))
+                self.store.add(f"dtrain/beat/{self.rank}", 1)
+                failures = 0
+            except Exception:  # noqa: BLE001
+                failures += 1
+                if failures >= 5:  # the store is gone (rank 0 exited): nothing to publish to
+                    return
+            self._stop.wait(self.interval_s)
+
+    def close(self) -> None:
+        """Stop publishing and let go of the store: rank 0's store server must not outlive the run
+        (a second run in the same process binds MASTER_PORT again)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.store = None
+        self.step_of = lambda: 0
+
+    def _get(self, key: str) -> Optional[str]:
+        if self.store is None:
+            return None
+        try:
+            return self.store.get(key).decode() if self.store.check([key]) else None
+        except Exception:  # noqa: BLE001 - best effort: the store may be what failed
+            return None
+
+    def _get_all(self, keys: list[str]) -> list[Optional[str]]:
+        """The values of `keys` (None where missing): two round trips to the store when all are there,
+        as they are unless something is wrong, so a thousand ranks asking at once stays cheap."""
+        if self.store is None:
+            return [None] * len(keys)
+        try:
+            if self.store.check(keys):
+                return [v.decode() for v in self.store.multi_get(keys)]
+        except Exception:  # noqa: BLE001
+            return [None] * len(keys)
+        return [self._get(k) for k in keys]
+
+    def diagnose(self, timed_out: bool) -> dict[int, str]:
+        """{rank: what is wrong with it} for the peers to blame, found in about two heartbeats.
+
+        After a timeout every rank that waited says so; the ones that did not were not in the
+        collective. A peer whose heartbeat stops is gone (dead, or frozen in native code)."""
+        if timed_out:
+            try:
+                self.store.append(WAITED, f"{self.rank} ")  # one key for all: read back in one go
+            except Exception:  # noqa: BLE001
+                pass
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        before = self._get_all([f"dtrain/beat/{r}" for r in peers])
+        time.sleep(1.6 * self.interval_s)
+        after = self._get_all([f"dtrain/beat/{r}" for r in peers])
+        steps = self._get_all([f"dtrain/step/{r}" for r in peers])
+        waited = {int(r) for r in (self._get(WAITED) or "").split()} if timed_out else set()
+        blame: dict[int, str] = {}
+        for r, old, new, step in zip(peers, before, after, steps):
+            alive = old is not None and new != old
+            at = f"last heard of at step {step}" if step is not None else "never heard of"
+            if not alive:
+                blame[r] = f"{at}, no heartbeat: died, was killed or is frozen"
+            elif timed_out and r not in waited:
+                blame[r] = f"{at}, alive but not in the collective: stalled in its own work"
+        return blame
+
+    def announce_failure(self, line: str) -> None:
+        if self.store is None:
+            return
+        try:
+            if not self.store.check([FAILED]):
+                self.store.set(FAILED, line)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def failure(self) -> Optional[str]:
+        return self._get(FAILED)
+
+    def tell_failure(self, exc: BaseException) -> None:
+        """Before the group goes: tell the other ranks that this one failed or, when a collective
+        failed under it, note on the exception which peers to blame (faults.failure_line names them)."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return
+        if faults.is_communication_failure(exc):
+            timed_out = faults.is_timeout(exc)
+            self.announce_failure(f"rank {self.rank} " + ("gave up waiting in a collective" if timed_out
+                                                          else "lost contact with a peer"))
+            setattr(exc, faults.BLAME_ATTR, self.diagnose(timed_out))
+        else:
+            self.announce_failure(f"rank {self.rank} failed: {type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]}")

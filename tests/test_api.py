@@ -238,6 +238,7 @@ def test_api_without_eval_data_trains_without_eval(tmp_path: Path) -> None:
     assert len(records(tmp_path, "train_epoch")) == 2
 
 
+@pytest.mark.multiproc
 def test_importing_dtrain_imports_no_torch() -> None:
     res = run([sys.executable, "-c", "import sys, dtrain; dtrain.load_config; print('torch' in sys.modules)"])
     assert res.stdout.strip() == "False", res.stderr

@@ -59,6 +59,7 @@ def test_only_committed_checkpoints_count(tmp_path: Path) -> None:
     assert not (root / ".step-000000008.tmp").exists()  # the next save clears a dead one's leftovers
 
 
+@pytest.mark.multiproc
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     """A real write failure: the file size limit (RLIMIT_FSIZE) stands in for a full disk, in a child process."""
     checkpoint.save(str(tmp_path), 5, 0, _state(5), keep=1)
@@ -232,6 +233,7 @@ def test_a_config_that_changes_the_math_is_refused(tmp_path: Path, capsys: pytes
     assert "num_workers" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.multiproc
 def test_two_runs_without_output_dir_never_collide(tmp_path: Path) -> None:
     from helpers import run
 

@@ -24,6 +24,7 @@ def other_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith("import time:")]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("args, rc, needle", [
     (["-m", "dtrain", "--help"], 0, ""),
     (["-m", "dtrain", "train.epochs=abc"], 2, "config key 'train.epochs' has value 'abc'"),
@@ -52,6 +53,7 @@ def test_help_and_config_errors_never_import_torch(args: list[str], rc: int, nee
         assert "usage:" in res.stdout
 
 
+@pytest.mark.multiproc
 def test_two_config_files_merge_in_order_around_overrides(tmp_path: Path) -> None:
     # The range check on sched.min_lr (at most optim.lr) reports the merged values without training.
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
@@ -108,6 +110,7 @@ TINY = ["data.name=synthetic", "data.train_size=96", "data.eval_size=40", "data.
         "log.every_steps=2"]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_a_runs_config_yaml_fed_back_reproduces_the_run(tmp_path: Path) -> None:
     first = run([sys.executable, "-m", "dtrain", *TINY], cwd=tmp_path, timeout=120)
@@ -128,6 +131,7 @@ def test_a_runs_config_yaml_fed_back_reproduces_the_run(tmp_path: Path) -> None:
     assert (run_b / "config.yaml").read_text() == (run_a / "config.yaml").read_text()
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_a_config_yaml_with_its_own_output_dir_continues_that_run(tmp_path: Path) -> None:
     out = tmp_path / "mine"

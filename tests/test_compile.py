@@ -66,6 +66,7 @@ def test_nothing_recompiles_after_the_first_epoch_and_compile_time_is_apart(runs
           f"first compile {first['compile_s']:.1f} s, start-up {first['startup_s']:.1f} s")
 
 
+@pytest.mark.multiproc
 def test_eager_runs_report_no_compile_fields_but_the_startup(runs: dict[str, Path]) -> None:
     first, second = records(runs["eager"], "train")[:2]
     assert "compiles" not in first and "compile_s" not in first

@@ -71,6 +71,7 @@ def test_override_without_equals_is_refused() -> None:
         load_config(None, ["train.epochs"])
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("args, needle", [
     (["train.epochs=abc"], "train.epochs"),
     (["train.bogus=1"], "train.bogus"),
@@ -87,6 +88,7 @@ def test_cli_prints_one_line_and_exits_2(args: list[str], needle: str, tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multiproc
 def test_existing_run_is_not_clobbered(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -109,6 +111,7 @@ def test_overrides_may_come_before_and_after_config(tmp_path) -> None:  # type: 
     assert (cfg.output_dir, cfg.train.epochs, cfg.optim.lr) == ("runs/x", 7, 0.2)
 
 
+@pytest.mark.multiproc
 def test_slurm_scripts_are_valid_bash_and_set_up_for_clusters() -> None:
     import subprocess
     from pathlib import Path

@@ -20,6 +20,8 @@ import torch
 
 from helpers import dtrain, records, rel_diff
 
+pytestmark = pytest.mark.multiproc
+
 SIZES = (1000, 1001)
 # (world size W, per-process batch B, accumulation K); all have W*B*K = 60.
 RUNS = [(3, 20, 1), (3, 10, 2), (4, 15, 1), (2, 10, 3)]
@@ -72,7 +74,6 @@ def test_reference_run_is_sane(references: dict[int, Path], n: int) -> None:
     assert records(references[n], "eval")[-1]["samples"] == 101
 
 
-@pytest.mark.multiproc
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("w, b, k", RUNS, ids=[f"W{w}xB{b}xK{k}" for w, b, k in RUNS])
@@ -82,7 +83,6 @@ def test_same_losses_and_weights_as_one_big_batch(references: dict[int, Path], t
     print(f"N={n} W={w} B={b} K={k}: largest relative loss difference {worst:.2e}")
 
 
-@pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_the_dataloader_path_trains_like_the_fast_path(references: dict[int, Path], tmp_path: Path) -> None:
     """The references take the in-memory fast path (the default for synthetic data); the DataLoader must agree."""

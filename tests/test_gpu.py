@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_nccl_one_gpu_trains(tmp_path: Path, precision: str) -> None:

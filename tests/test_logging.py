@@ -396,6 +396,7 @@ def per_rank_batches(n: int, world: int, batch: int) -> list[int]:
     return [min(batch, per_rank - i) for i in range(0, per_rank, batch)]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_step_records_count_global_samples_and_epoch_loss_is_their_weighted_mean(tty_run: Run) -> None:
     rows = records(tty_run.out)
@@ -446,6 +447,7 @@ def test_two_rank_window_loss_is_sample_weighted_mean_over_all_ranks(logged_run:
 
 # --- the console -------------------------------------------------------------------------------
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_progress_bar_on_a_terminal(tty_run: Run) -> None:
     out = tty_run.stdout
@@ -473,6 +475,7 @@ def test_plain_lines_when_stdout_is_not_a_terminal(logged_run: Run) -> None:
 
 # --- dtrain.plot -------------------------------------------------------------------------------
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_plot_writes_curves_png(tty_run: Run) -> None:
     import matplotlib.image
@@ -489,26 +492,29 @@ def test_plot_writes_curves_png(tty_run: Run) -> None:
 
 
 @pytest.mark.parametrize("case", ["no_dir", "no_metrics", "empty_metrics", "no_matplotlib"])
-def test_plot_errors_are_one_line(tmp_path: Path, case: str) -> None:
+def test_plot_errors_are_one_line(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from dtrain.plot import main
+
     run_dir = tmp_path / "run"
-    code = "import sys; from dtrain.plot import main; sys.exit(main(sys.argv[1:]))"
     if case != "no_dir":
         run_dir.mkdir()
     if case == "empty_metrics":
         (run_dir / "metrics.jsonl").write_text("")
     if case == "no_matplotlib":
         (run_dir / "metrics.jsonl").write_text('{"split": "train", "step": 1, "epoch": 1, "loss": 1.0}\n')
-        code = "import sys; sys.modules['matplotlib'] = None; " + code
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     expected = {
         "no_dir": "run directory not found",
         "no_metrics": "no metrics.jsonl in",
         "empty_metrics": "holds no records yet",
         "no_matplotlib": "matplotlib is not installed; pip install 'dtrain[plot]'",
     }[case]
-    res = run([sys.executable, "-c", code, str(run_dir)], timeout=60)
-    assert res.returncode == 2, res
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dtrain.plot: error: ") and expected in lines[0], res.stderr
+    assert main([str(run_dir)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1, err
+    assert lines[0].startswith("dtrain.plot: error: ") and expected in lines[0], err
     assert not (run_dir / "curves.png").exists()
 
 
@@ -539,6 +545,7 @@ def assert_closed_after_failure(res: subprocess.CompletedProcess, root: Path, ou
     assert_same_points(wandb_points(wb), want, rel=1e-9, what="W&B")
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_run_that_raises_still_closes_its_loggers(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -574,6 +581,7 @@ def test_rank_zero_closes_its_loggers_when_another_rank_fails(tmp_path: Path) ->
 
 # --- missing extras ----------------------------------------------------------------------------
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("module, flag", [("wandb", "log.wandb"), ("tensorboard", "log.tensorboard")])
 def test_missing_extra_is_a_one_line_error(tmp_path: Path, module: str, flag: str) -> None:
@@ -590,6 +598,7 @@ def test_missing_extra_is_a_one_line_error(tmp_path: Path, module: str, flag: st
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_broken_wandb_install_is_a_one_line_error(tmp_path: Path) -> None:
     """A wandb that is found but fails to import (a broken install) is caught when the loggers open."""
@@ -605,6 +614,7 @@ def test_broken_wandb_install_is_a_one_line_error(tmp_path: Path) -> None:
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("nproc", [0, 2])
 def test_wandb_without_an_account_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -635,6 +645,7 @@ def test_wandb_without_an_account_is_a_one_line_error(tmp_path: Path, monkeypatc
 
 # --- CUDA --------------------------------------------------------------------------------------
 
+@pytest.mark.multiproc
 @pytest.mark.gpu
 @pytest.mark.timeout(180)
 def test_peak_memory_is_logged_on_cuda(tmp_path: Path) -> None:

@@ -157,6 +157,7 @@ def test_leaves_the_run_directory_alone(tmp_path: Path, capsys: pytest.CaptureFi
 SUGGESTED = re.compile(r"^dtrain\.lr_find: suggested lr (\S+) ", re.M)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(150)
 def test_suggestion_trains_the_default_config(tmp_path: Path) -> None:
     out = tmp_path / "lf"

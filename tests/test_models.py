@@ -215,6 +215,7 @@ def test_default_preset_lists_every_key() -> None:
     assert keys(written) == keys(defaults)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_synthetic_tiny_preset_runs_without_importing_torchvision(tmp_path: Path) -> None:
     cfg = load_config(str(CONFIGS / "synthetic_tiny.yaml"))

@@ -228,6 +228,7 @@ BAD_GLOBS = [
 ]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_bad_globs_exit_2_with_one_line(tmp_path: Path) -> None:
     # Both runs at once: each spends its time importing torch, not in dtrain.

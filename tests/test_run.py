@@ -73,6 +73,7 @@ def test_a_finished_run_leaves_no_process_group_threads(tmp_path: Path) -> None:
         assert not any("gloo" in name for name in r["after"]), r
 
 
+@pytest.mark.multiproc
 def test_a_native_crash_shows_the_python_stack(tmp_path: Path) -> None:
     # A signal number alone ("exitcode -6") says nothing about where a job died.
     result = run([sys.executable, "-m", "dtrain", "data.name=synthetic",
@@ -82,6 +83,7 @@ def test_a_native_crash_shows_the_python_stack(tmp_path: Path) -> None:
     assert "aborting_model.py" in result.stderr
 
 
+@pytest.mark.multiproc
 def test_runs_with_stderr_closed(tmp_path: Path) -> None:
     # A daemonised job may have no stderr at all; the crash handler must not need one.
     out = tmp_path / "run"
@@ -160,6 +162,7 @@ def test_overwrite_replaces_the_whole_earlier_run(tmp_path: Path) -> None:
     assert records(out, "train")[-1]["step"] == 3 and len(records(out, "eval")) == 1
 
 
+@pytest.mark.multiproc
 def test_unusable_output_dir_is_a_one_line_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -169,6 +172,7 @@ def test_unusable_output_dir_is_a_one_line_error(tmp_path: Path) -> None:
     assert len(lines) == 1 and "output_dir" in lines[0] and "writable directory" in lines[0]
 
 
+@pytest.mark.multiproc
 def test_a_diverged_loss_is_written_as_strict_json(tmp_path: Path) -> None:
     import json
 
@@ -274,6 +278,7 @@ def _one_line_exit_2(args: list[str], env: Optional[dict[str, str]] = None) -> s
     return lines[0]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("bad, says", [
     (["model.name=tests.workers.no_such_module:build"], "cannot import 'tests.workers.no_such_module'"),
     (["data.name=mnist", "data.root=/nonexistent/data"], "MNIST"),
@@ -309,6 +314,7 @@ def _writable_again(path: Path) -> None:
     path.chmod(0o755)
 
 
+@pytest.mark.multiproc
 def test_overwrite_with_a_read_only_folder_in_the_old_run_deletes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
     before = _earlier_run(out)
@@ -322,6 +328,7 @@ def test_overwrite_with_a_read_only_folder_in_the_old_run_deletes_nothing(tmp_pa
         _writable_again(locked)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("overwrite", ["false", "true"])
 def test_a_directory_dtrain_did_not_write_is_never_replaced(tmp_path: Path, overwrite: str) -> None:
     out = tmp_path / "mine"
@@ -335,6 +342,7 @@ def test_a_directory_dtrain_did_not_write_is_never_replaced(tmp_path: Path, over
     assert _tree(out) == before
 
 
+@pytest.mark.multiproc
 def test_a_run_into_an_empty_or_new_directory_marks_it_and_a_failed_one_leaves_none(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -350,6 +358,7 @@ def test_a_run_into_an_empty_or_new_directory_marks_it_and_a_failed_one_leaves_n
 
 # ---------------------------------------------------------------- factories that return something unusable
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("args, says", [
     (["model.name=tests.workers.bad_factories:too_few_classes"],
      "model.name=tests.workers.bad_factories:too_few_classes: the model gives 9 outputs per sample (outputs (32, 9)), "

@@ -195,6 +195,7 @@ def check_run(out: Path, epochs: int) -> None:
     assert [r["samples"] for r in records(out, "train_epoch")] == [N_TRAIN] * epochs
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_mnist_cli_end_to_end(tmp_path: Path) -> None:
     write_mnist(tmp_path / "data", "mnist", N_TRAIN, N_TEST)
@@ -227,6 +228,7 @@ def test_cifar10_cnn_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     check_run(out, epochs=1)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_missing_files_exit_2_with_one_line(tmp_path: Path) -> None:
     result = dtrain(0, ["data.name=mnist", f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'run'}",

@@ -60,7 +60,7 @@ def _series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[list[int]
 
 def plot_curves(rows: list[dict[str, Any]], out_path: str, title: Optional[str] = None) -> None:
     """Draw the curves of `rows` (metrics.jsonl records) into the PNG file `out_path`."""
-    from dtrain.loggers.base import optional_import
+    from dtrain.runtime.optional import optional_import
 
     optional_import("matplotlib", "plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dtrain.loggers.base import Record, optional_import
+from dtrain.loggers.base import Record
+from dtrain.runtime.optional import optional_import
 
 
 class TensorBoardLogger:

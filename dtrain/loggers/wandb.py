@@ -7,7 +7,8 @@ import sys
 from typing import Any, Optional
 
 from dtrain.errors import DTrainError
-from dtrain.loggers.base import Record, optional_import
+from dtrain.loggers.base import Record
+from dtrain.runtime.optional import optional_import
 
 
 class WandbLogger:

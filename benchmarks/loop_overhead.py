@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dtrain.config import load_config
 from dtrain.data.loaders import build_datasets, build_loaders
 from dtrain.runtime.dist import distributed
-from dtrain.loop.engine import FitPlan, fit, steps_per_epoch
+from dtrain.callbacks.stack import build_duties
+from dtrain.loop.engine import FitPlan, fit
 from dtrain.runtime.env import detect_launch
 from dtrain.loggers import null_logger
 from dtrain.models.builtin import build_model
@@ -57,7 +58,7 @@ def main() -> None:
             t = time.perf_counter()
             for epoch in range(EPOCHS):
                 loaders.train_sampler.set_epoch(epoch)
-                for x, y in loaders.train:
+                for x, y in loaders.train.batches:
                     x, y = x.to(ds.device), y.to(ds.device)
                     loss = F.cross_entropy(model(x), y)
                     opt.zero_grad()
@@ -67,27 +68,19 @@ def main() -> None:
                 torch.cuda.synchronize()
             return time.perf_counter() - t
 
-        class CheckOnly:
-            """The Checkpointer a real run passes to fit, minus the saving: only the per-step agreement runs."""
-
-            def __init__(self) -> None:
-                self.signals = StopSignals(["SIGUSR1", "SIGUSR2"])
-
-            def save(self, state: object, meter: object) -> None:
-                raise AssertionError("no checkpoint is due in the benchmark")
-
-        def dtrain_loop(saver: object = None, on_nonfinite: str = "ignore") -> float:
+        def dtrain_loop(signals: object = None, on_nonfinite: str = "ignore") -> float:
             model = build_model(cfg.model, data.input_shape, data.num_classes)
-            per_epoch = steps_per_epoch(loaders.train, 1)
+            per_epoch = loaders.train.steps_per_epoch
             loop, _ = build_loop(cfg, ds, model, EPOCHS * per_epoch)
             plan = FitPlan(EPOCHS, None, cfg.log.every_steps)
             guard = NonFiniteGuard(on_nonfinite, 10, ds.device)
             t = time.perf_counter()
             # fit evaluates each epoch; subtract nothing, since eval is part of what a user runs,
             # but keep the eval set small so the comparison is about the train loop.
-            fit(loop, build_task("cross_entropy", [], "input", "target"), loaders, plan,
-                null_logger(), Progress("none", EPOCHS * per_epoch, False), saver,  # type: ignore[arg-type]
-                guard=guard)
+            # With `signals`, the stop-signal agreement of a real run runs; no checkpoint is due.
+            duties = build_duties(loop, null_logger(), Progress("none", EPOCHS * per_epoch, False), guard=guard,
+                                  signals=signals)  # type: ignore[arg-type]
+            fit(loop, build_task("cross_entropy", [], "input", "target"), loaders.train, loaders.eval, plan, duties)
             if ds.device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t
@@ -97,7 +90,7 @@ def main() -> None:
         for _ in range(REPEATS):
             ours.append(dtrain_loop())
             hand.append(hand_written())
-            checked.append(dtrain_loop(CheckOnly()))
+            checked.append(dtrain_loop(StopSignals(["SIGUSR1", "SIGUSR2"])))
             stop.append(dtrain_loop(on_nonfinite="stop"))
             skip.append(dtrain_loop(on_nonfinite="skip"))
         samples = EPOCHS * len(data.train)

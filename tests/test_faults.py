@@ -357,8 +357,8 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
     if when in ("log", "epoch end", "final check"):
         from dtrain.loop.meters import Meter
 
-        real_take, takes = Meter.take, {"n": 0}
-        # Meter.take: row 0 at each log record (every 2 steps, then the end), row 1 at each epoch's end;
+        real_take, takes = Meter._take, {"n": 0}
+        # Meter._take: row 0 at each log record (every 2 steps, then the end), row 1 at each epoch's end;
         # the final check settles the lagged agreement, then all-reduces the non-finite flags.
         if when == "final check":
             from dtrain.runtime.agreement import LaggedAgreement
@@ -376,7 +376,7 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
                 raise RuntimeError("gloo: connection closed by peer")
             return real_take(self, row, *args, **kwargs)
 
-        monkeypatch.setattr(Meter, "take", take)
+        monkeypatch.setattr(Meter, "_take", take)
     x = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
     y = (x[:, 0] > 0).long()
     raised = {"eval": (ValueError, "metric broke"), "step": (ValueError, "forward broke"),

@@ -179,4 +179,5 @@ def test_stop_keeps_losses_on_the_host_side_and_finds_the_first_bad_one(monkeypa
     assert guard.pending().tolist() == [1.0]
     _, error = guard.settle(1.0, single, 8)
     assert error is not None and "not finite since step 6 (seen at the check of step 8)" in str(error)
-    assert meter.take(0, single) == [sum(values), 2.0 * len(values)]
+    totals = meter.take_window(single)
+    assert (totals.loss_sum, totals.samples) == (sum(values), 2 * len(values))

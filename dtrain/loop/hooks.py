@@ -15,6 +15,7 @@ from torch import nn
 
 from dtrain.loop.record import Record
 from dtrain.loop.state import TrainState
+from dtrain.runtime.faults import label
 
 
 class Callback:
@@ -162,13 +163,21 @@ class Hooks:
         return any(cb.requests_alone for cb in self.callbacks)
 
     def fit_start(self, run: RunView) -> None:
-        for cb in self.callbacks:
-            cb.on_fit_start(run)
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(run)
+        except Exception as exc:
+            label(exc, f"a callback's on_fit_start at step {run.step}")
+            raise
 
     def step_end(self, run: RunView) -> None:
         run.record = None
-        for cb in self.callbacks:
-            cb.on_step_end(run)
+        try:  # free unless something raises: no cost in the hot loop
+            for cb in self.callbacks:
+                cb.on_step_end(run)
+        except Exception as exc:
+            label(exc, f"a callback's on_step_end after step {run.step}")
+            raise
 
     def log(self, run: RunView) -> None:
         for cb in self.callbacks:
@@ -184,8 +193,12 @@ class Hooks:
             cb.on_eval_end(run)
 
     def boundary(self, run: RunView) -> None:
-        for cb in self.callbacks:
-            cb.on_boundary(run)
+        try:
+            for cb in self.callbacks:
+                cb.on_boundary(run)
+        except Exception as exc:
+            label(exc, f"a callback's on_boundary after step {run.step}")
+            raise
 
     def save(self, run: RunView) -> None:
         for cb in self.callbacks:

@@ -2,20 +2,52 @@
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from dtrain.runtime.dist import DistState
 
 
+WINDOW, EPOCH = 0, 1
+"""The two rows of the sums: the logging window and the epoch."""
+
+
+@dataclass(frozen=True)
+class WindowTotals:
+    """A logging window's sums over all ranks."""
+
+    loss_sum: float
+    samples: int
+    alarms: list[float]
+    """The checks' flags, summed over the ranks (`loop.checks`)."""
+    extra: list[float]
+    """What rode along unreduced (the gradient norm, the same on every rank)."""
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else math.nan  # every step of the window skipped
+
+
+@dataclass(frozen=True)
+class EpochTotals:
+    loss_sum: float
+    samples: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else math.nan
+
+
 @dataclass
 class Meter:
     """Sums of per-sample losses (on the device) and sample counts (on the host).
 
-    Index 0 is the logging window, 1 the epoch. The loss sums stay on the device
+    Row WINDOW is the logging window, EPOCH the epoch. The loss sums stay on the device
     until a logging step reads them, so adding never syncs the host. Adding is
     not even a device op: a micro-step's loss is kept in a list, and the list is
     summed into both rows in one go when they are read (or every `FOLD_AT`
@@ -60,21 +92,32 @@ class Meter:
     def _counts(self, rows: slice) -> torch.Tensor:
         return torch.tensor(self.counts[rows], dtype=torch.float64, device=self.device) - self.excluded[rows]
 
-    def take(self, row: int, dist_state: DistState, extra: Optional[torch.Tensor] = None,
-             summed: Optional[torch.Tensor] = None) -> list[float]:
-        """All-reduce one row's [loss_sum, count, *summed] (one collective), reset the row, return
-        [loss_sum, count, *summed, *extra] (`extra` as this rank has it)."""
+    def take_window(self, dist_state: DistState, alarms: Optional[torch.Tensor] = None,
+                    extra: Optional[torch.Tensor] = None) -> WindowTotals:
+        """The logging window's totals over all ranks, with `alarms` summed alongside (the one
+        collective of a logging step) and `extra` as this rank has it; the window starts over."""
+        values = self._take(WINDOW, dist_state, alarms, extra)
+        n = alarms.numel() if alarms is not None else 0
+        return WindowTotals(values[0], int(values[1]), values[2:2 + n], values[2 + n:])
+
+    def take_epoch(self, dist_state: DistState) -> EpochTotals:
+        """The epoch's totals over all ranks (one collective); the epoch starts over."""
+        values = self._take(EPOCH, dist_state)
+        return EpochTotals(values[0], int(values[1]))
+
+    def _take(self, row: int, dist_state: DistState, summed: Optional[torch.Tensor] = None,
+              extra: Optional[torch.Tensor] = None) -> list[float]:
         self._fold()
         parts = [self.loss_sums[row:row + 1], self._counts(slice(row, row + 1))]
         if summed is not None:
-            parts.append(summed.detach().to(torch.float64))
+            parts.append(summed.detach().to(torch.float64).reshape(-1))
         totals = dist_state.all_reduce_sum(torch.cat(parts))
         self.loss_sums[row].zero_()
         self.excluded[row].zero_()
         self.counts[row] = 0
         if extra is not None:
-            totals = torch.cat([totals, extra.detach().to(totals)])
-        return totals.tolist()
+            totals = torch.cat([totals, extra.detach().reshape(-1).to(totals)])
+        return totals.tolist()  # the host sync of a logging step: one, whatever rides along
 
     def global_state(self, dist_state: DistState) -> list[float]:
         """[window sum, window count, epoch sum, epoch count] over all ranks (one collective), for a checkpoint."""
@@ -101,3 +144,17 @@ class Timer:
 
     def reset(self) -> None:
         self.start, self.data, self.steps = time.perf_counter(), 0.0, 0
+
+    def stepped(self, fetch_s: float) -> None:
+        self.steps += 1
+        self.data += fetch_s
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Around work that is not training (an eval, a checkpoint): a window that spans it must not count
+        it as train time, or its samples_per_s and step_time_s would drop at every epoch end or save."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began

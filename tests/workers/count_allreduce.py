@@ -14,7 +14,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from dtrain.config import load_config
 from dtrain.data.loaders import build_datasets, build_loaders
 from dtrain.runtime.dist import distributed
-from dtrain.loop.engine import FitPlan, fit, steps_per_epoch
+from dtrain.callbacks.stack import build_duties
+from dtrain.loop.engine import FitPlan, fit
 from dtrain.runtime.env import detect_launch
 from dtrain.loggers import null_logger
 from dtrain.models.builtin import build_model
@@ -46,14 +47,14 @@ def main() -> None:
         data = build_datasets(cfg.data, 0)
         loaders = build_loaders(data, cfg.data, 0, ds)
         model = build_model(cfg.model, data.input_shape, data.num_classes)
-        per_epoch = steps_per_epoch(loaders.train, k)
+        per_epoch = loaders.train.steps_per_epoch
         loop, _ = build_loop(cfg, ds, model, per_epoch)
 
         counter = Counter()
         loop.model.register_comm_hook(counter, counting_hook)
         plan = FitPlan(1, None, 1000)
-        fit(loop, build_task("cross_entropy", [], "input", "target"), loaders, plan, null_logger(),
-            Progress("none", per_epoch, False))
+        duties = build_duties(loop, null_logger(), Progress("none", per_epoch, False))
+        fit(loop, build_task("cross_entropy", [], "input", "target"), loaders.train, loaders.eval, plan, duties)
         steps, rounds = loop.step, counter.rounds
 
         # Control: the same micro-steps without no_sync must reduce on every backward.
@@ -61,7 +62,7 @@ def main() -> None:
         loop2, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), per_epoch)
         loop2.model.register_comm_hook(control, counting_hook)
         micro = 0
-        for x, y in loaders.train:
+        for x, y in loaders.train.batches:
             loss = torch.nn.functional.cross_entropy(loop2.model(x), y)
             loss.backward()
             micro += 1

@@ -1,0 +1,160 @@
+"""The loop and its callback seam, in one process: when each hook runs, and what requests do.
+
+The expected steps are arithmetic written here: 20 samples in batches of 4 are 5 steps an epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from dtrain.callbacks.stack import build_duties
+from dtrain.config import load_config
+from dtrain.data.loaders import build_loaders
+from dtrain.data.types import Datasets
+from dtrain.loggers import null_logger
+from dtrain.loggers.progress import Progress
+from dtrain.loop.engine import FitPlan, fit
+from dtrain.loop.hooks import Callback, RunView
+from dtrain.run import build_loop
+from dtrain.runtime.dist import DistState
+from dtrain.runtime.faults import WHERE_ATTR
+
+N, B, EPOCHS, LOG_EVERY = 20, 4, 2, 2
+PER_EPOCH = N // B
+
+
+class Recorder(Callback):
+    """Writes down every hook with the step it came at; acts on requests given as {step: what}."""
+
+    def __init__(self, asks: Optional[dict[int, str]] = None) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.records: list[tuple[str, int, dict[str, float]]] = []
+        self.asks = asks or {}
+        self.models: list[nn.Module] = []
+
+    def on_fit_start(self, run: RunView) -> None:
+        self.calls.append(("fit_start", run.step))
+        self.models.append(run.model)
+
+    def on_step_end(self, run: RunView) -> None:
+        self.calls.append(("step_end", run.step))
+        what = self.asks.get(run.step)
+        if what == "stop":
+            run.request_stop("the test")
+        elif what == "save":
+            run.request_save()
+        elif what == "eval":
+            run.request_eval(all_ranks=True)
+        elif what == "raise":
+            raise ValueError("a callback broke")
+
+    def on_log(self, run: RunView) -> None:
+        self.calls.append(("log", run.step))
+        assert run.record is not None
+        self.records.append((run.record.split, run.step, dict(run.record.values)))
+
+    def on_epoch_end(self, run: RunView) -> None:
+        self.calls.append(("epoch_end", run.step))
+
+    def on_eval_end(self, run: RunView) -> None:
+        self.calls.append(("eval_end", run.step))
+        assert run.record is not None
+        self.records.append((run.record.split, run.step, dict(run.record.values)))
+
+    def on_boundary(self, run: RunView) -> None:
+        self.calls.append(("boundary", run.step))
+
+    def on_save(self, run: RunView) -> None:
+        self.calls.append(("save", run.step))
+
+    def on_fit_end(self, run: RunView) -> None:
+        self.calls.append(("fit_end", run.step))
+
+    def on_exception(self, run: RunView, exc: BaseException) -> None:
+        self.calls.append(("exception", run.step))
+
+
+class FakeCheckpointer:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def save(self, state: Any, meter: Any) -> None:
+        self.steps.append(state.step)
+
+
+def _fit(callbacks: list[Callback], checkpointer: Optional[FakeCheckpointer] = None,
+         every_steps: Optional[int] = None) -> tuple[Any, Any]:
+    cfg = load_config(None, [f"data.batch_size={B}", f"data.eval_batch_size={B}", f"train.epochs={EPOCHS}",
+                             f"log.every_steps={LOG_EVERY}", "model.hidden=[8]"])
+    dist_state = DistState("test", 0, 0, 1, "gloo", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N + 6, 3, generator=g), torch.randint(0, 2, (N + 6,), generator=g)
+    data = Datasets(TensorDataset(x[:N], y[:N]), TensorDataset(x[N:], y[N:]), (3,), 2)
+    loaders = build_loaders(data, cfg.data, 0, dist_state, 1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    state, _ = build_loop(cfg, dist_state, model, EPOCHS * PER_EPOCH)
+    from dtrain.loop.task import build_task
+
+    duties = build_duties(state, null_logger(), Progress("none", EPOCHS * PER_EPOCH, False),
+                          checkpointer=checkpointer, every_steps=every_steps, callbacks=callbacks)
+    result = fit(state, build_task("cross_entropy", [], "input", "target"), loaders.train, loaders.eval,
+                 FitPlan(EPOCHS, None, LOG_EVERY), duties)
+    return result, state
+
+
+def test_hooks_come_in_the_loops_order_at_the_steps_arithmetic_says() -> None:
+    rec = Recorder()
+    result, state = _fit([rec])
+    assert result.stopped_by is None and state.step == EPOCHS * PER_EPOCH
+    names = [c[0] for c in rec.calls]
+    assert names[0] == "fit_start" and names[-1] == "fit_end"
+    steps_of = {name: [s for n, s in rec.calls if n == name] for name in set(names)}
+    assert steps_of["step_end"] == list(range(1, EPOCHS * PER_EPOCH + 1))
+    assert steps_of["log"] == [s for s in range(1, EPOCHS * PER_EPOCH + 1) if s % LOG_EVERY == 0]
+    assert steps_of["epoch_end"] == steps_of["eval_end"] == [PER_EPOCH * e for e in range(1, EPOCHS + 1)]
+    # A boundary after every step but an epoch's last, whose comes after its eval; none after the run's end.
+    assert steps_of["boundary"] == list(range(1, EPOCHS * PER_EPOCH))
+    assert names.index("eval_end") < names.index("boundary", names.index("epoch_end"))
+    # The logging callback goes first: a user's on_log sees the train record of the step.
+    train = [(s, v) for split, s, v in rec.records if split == "train"]
+    assert [s for s, _ in train] == steps_of["log"] and all(v["samples"] == LOG_EVERY * B for _, v in train)
+    evals = [v for split, _, v in rec.records if split == "eval"]
+    assert [v["samples"] for v in evals] == [6, 6] and result.eval == evals[-1]
+    assert rec.models == [state.module]  # the user's model, unwrapped
+
+
+def test_requests_eval_save_and_stop_act_at_the_next_boundary() -> None:
+    rec = Recorder({2: "save", 3: "eval", 7: "stop"})
+    saver = FakeCheckpointer()
+    result, state = _fit([rec], saver, every_steps=4)
+    # One process: a request is agreed at once. Saves: the request at 2, the cadence at 4, the stop at 7.
+    assert saver.steps == [2, 4]
+    assert result.stopped_by == "the test" and state.step == 7
+    assert ("fit_end", 7) not in rec.calls
+    evals = [(s, v["samples"]) for split, s, v in rec.records if split == "eval"]
+    assert evals == [(3, 6), (PER_EPOCH, 6)]  # the asked-for one mid-epoch, then the epoch's own
+
+
+def test_a_stop_asked_with_a_save_saves_that_step_first() -> None:
+    class StopAndSave(Callback):
+        def on_step_end(self, run: RunView) -> None:
+            if run.step == 3:
+                run.request_save()
+                run.request_stop("done early", all_ranks=True)
+
+    saver = FakeCheckpointer()
+    result, state = _fit([StopAndSave()], saver)
+    assert (result.stopped_by, state.step, saver.steps) == ("done early", 3, [3])
+
+
+def test_an_exception_reaches_the_callbacks_and_names_its_step() -> None:
+    rec = Recorder({4: "raise"})
+    with pytest.raises(ValueError, match="a callback broke") as info:
+        _fit([rec])
+    assert rec.calls[-1] == ("exception", 4)
+    assert getattr(info.value, WHERE_ATTR) == "a callback's on_step_end after step 4"

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.config import LOSSES, METRICS
 from dtrain.errors import DTrainError
 from dtrain.loop.task import BUILTIN, build_task
 
@@ -41,10 +40,6 @@ def test_metrics_against_hand_arithmetic() -> None:
     assert task.eval_names == ["loss", "mae"]
     sums = task.eval_sums(out, torch.zeros(3, 2))
     assert sums.tolist() == pytest.approx([2.5 + 4.5 + 0.625, 3.75])
-
-
-def test_config_and_task_agree_on_the_builtin_names() -> None:
-    assert set(LOSSES) | set(METRICS) == set(BUILTIN)
 
 
 def test_default_metrics_follow_the_loss() -> None:

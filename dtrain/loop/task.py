@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.config import LOSSES as BUILTIN_LOSSES
-from dtrain.config import METRICS as BUILTIN_METRICS
+from dtrain.config import LOSSES, METRICS
 from dtrain.errors import DTrainError
 
 PerSample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,8 +109,8 @@ def mae(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return per_sample((out - y).abs())
 
 
-BUILTIN: dict[str, PerSample] = {"cross_entropy": cross_entropy, "mse": mse, "l1": l1, "smooth_l1": smooth_l1,
-                                 "bce_with_logits": bce_with_logits, "accuracy": accuracy, "mae": mae}
+# Config's LOSSES and METRICS name the functions above: a name added there without one fails here, at import.
+BUILTIN: dict[str, PerSample] = {name: globals()[name] for name in (*LOSSES, *METRICS)}
 
 
 def checked(fn: Callable[..., Any], label: str) -> PerSample:
@@ -192,7 +191,7 @@ def resolve(spec: Any, key: str) -> tuple[str, PerSample]:
         return name, checked(spec, f"{key} {name}")
     if spec in BUILTIN:
         return spec, BUILTIN[spec]
-    fn = load_callable(key, spec, f"{' | '.join(BUILTIN_LOSSES if key == 'loss.name' else BUILTIN_METRICS)} "
+    fn = load_callable(key, spec, f"{' | '.join(LOSSES if key == 'loss.name' else METRICS)} "
                                   "| a function 'package.module:function'")
     return spec.rpartition(":")[2].rpartition(".")[2], checked(fn, f"{key} {spec}")
 

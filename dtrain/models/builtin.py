@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from dtrain.config import ModelConfig
+from dtrain.config import MODELS, ModelConfig
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.runtime.factories import call_factory, load_callable
 
@@ -53,7 +54,7 @@ def _name_error(path: str, why: str) -> DTrainError:
 
 def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]], num_classes: Optional[int]) -> nn.Module:
     """The configured model, initialised and frozen as the config says."""
-    if cfg.name in ("mlp", "cnn"):
+    if cfg.name in MODELS:
         unknown = set(cfg.kwargs) - {"input_shape", "num_classes"}
         if unknown:
             raise ConfigError("model.kwargs", dict(cfg.kwargs), f"input_shape, num_classes with model.name={cfg.name}")
@@ -65,7 +66,7 @@ def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]], num_clas
                                         f"or return dtrain.Datasets(..., {key}=...) from the data factory")
         model = mlp(input_shape, num_classes, cfg.hidden) if cfg.name == "mlp" else _cnn(input_shape, num_classes)
         return prepare_model(model, cfg.init, cfg.freeze)
-    fn = load_callable("model.name", cfg.name, "mlp | cnn | a factory 'package.module:function'")
+    fn = load_callable("model.name", cfg.name, f"{' | '.join(MODELS)} | a factory 'package.module:function'")
     return from_factory(fn, cfg.name, f"config key 'model.name' has value {cfg.name!r}", cfg, input_shape,
                         num_classes)
 
@@ -102,9 +103,10 @@ def prepare_model(model: nn.Module, init: str, freeze: Sequence[str]) -> nn.Modu
 
 def initialise(model: nn.Module, scheme: str) -> None:
     """The notes' weight init: Linear and Conv weights by `scheme`, their biases zero."""
-    fill = {"xavier_uniform": nn.init.xavier_uniform_, "xavier_normal": nn.init.xavier_normal_,
-            "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
-            "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu")}[scheme]
+    # Each of config's MODEL_INITS (but default) is the torch.nn.init function of that name.
+    fill: Callable[[torch.Tensor], Any] = getattr(nn.init, f"{scheme}_")
+    if scheme.startswith("kaiming"):
+        fill = functools.partial(fill, nonlinearity="relu")
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "load_config", "Config", "Result", "Datasets", "DTrainError"]
+__all__ = ["train", "load_config", "Config", "Result", "Datasets", "DTrainError", "Callback"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,9 +25,13 @@ def __getattr__(name: str) -> Any:
 
         return getattr(config, name)
     if name == "Datasets":
-        from dtrain.data.loaders import Datasets
+        from dtrain.data.types import Datasets
 
         return Datasets
+    if name == "Callback":
+        from dtrain.loop.hooks import Callback
+
+        return Callback
     if name == "DTrainError":
         from dtrain.errors import DTrainError
 

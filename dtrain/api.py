@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dtrain.config import Config, load_config
-from dtrain.data.loaders import Datasets, as_datasets
+from dtrain.data.types import Datasets, as_datasets
 from dtrain.errors import DTrainError
 
 
@@ -27,11 +27,13 @@ class Result:
     eval: Optional[dict[str, float]]
     """The last evaluation: the loss, each metric, and `samples`; None without eval data."""
     model: nn.Module
-    """The trained model, unwrapped from DDP (the same on every rank)."""
+    """The trained model, unwrapped from the strategy's wrapper (the same on every rank)."""
     config: Config
     """The config the run used."""
     is_main: bool
     """True on rank 0 (and in a single process): where to print or save once."""
+    output_dir: str = ""
+    """Where the run wrote its config, metrics, checkpoints and model.pt."""
 
 
 def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
@@ -40,7 +42,8 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
           loss: Union[str, Callable[..., Any], None] = None,
           config: Union[str, "os.PathLike[str]", Config, None] = None,
           overrides: Sequence[str] = (),
-          metrics: Union[Mapping[str, Callable[..., Any]], Sequence[Any], None] = None) -> Result:
+          metrics: Union[Mapping[str, Callable[..., Any]], Sequence[Any], None] = None,
+          callbacks: Sequence[Any] = ()) -> Result:
     """Train `model` on `train_data` and return the last eval and the trained model.
 
     Anything left out comes from the config, as on the command line:
@@ -52,6 +55,7 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
         (used with reduction='none'), or a function of (outputs, targets) returning one loss per sample.
     config: a YAML path or a Config object; overrides: 'key=value' strings on top, as on the CLI.
     metrics: extra eval metrics, {name: function of (outputs, targets) -> one value per sample}.
+    callbacks: `dtrain.Callback` objects, called on every rank after dtrain's own (see dtrain/loop/hooks.py).
     """
     from dtrain.run import Given
     from dtrain.run import train as run_train
@@ -63,7 +67,7 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
         overrides = [*overrides, f"loss.name={loss}"]  # a name is config: config.yaml and W&B record it
         loss = None
     cfg = _config(config, overrides)
-    given = Given(model=model, loss=loss)
+    given = Given(model=model, loss=loss, callbacks=list(callbacks))
     if train_data is not None:
         given.data = as_datasets((train_data, eval_data), "dtrain.train(train_data=..., eval_data=...)")
     elif eval_data is not None:

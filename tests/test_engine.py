@@ -5,6 +5,8 @@ The expected steps are arithmetic written here: 20 samples in batches of 4 are 5
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -23,6 +25,7 @@ from dtrain.loop.hooks import Callback, RunView
 from dtrain.run import build_loop
 from dtrain.runtime.dist import DistState
 from dtrain.runtime.faults import WHERE_ATTR
+from helpers import worker
 
 N, B, EPOCHS, LOG_EVERY = 20, 4, 2, 2
 PER_EPOCH = N // B
@@ -133,18 +136,17 @@ def test_requests_eval_save_and_stop_act_at_the_next_boundary() -> None:
     saver = FakeCheckpointer()
     result, state = _fit([rec], saver, every_steps=4)
     # One process: a request is agreed at once. Saves: the request at 2, the cadence at 4, the stop at 7.
-    assert saver.steps == [2, 4]
+    assert saver.steps == [2, 4, 7]
     assert result.stopped_by == "the test" and state.step == 7
     assert ("fit_end", 7) not in rec.calls
     evals = [(s, v["samples"]) for split, s, v in rec.records if split == "eval"]
     assert evals == [(3, 6), (PER_EPOCH, 6)]  # the asked-for one mid-epoch, then the epoch's own
 
 
-def test_a_stop_asked_with_a_save_saves_that_step_first() -> None:
+def test_a_stop_asked_on_every_rank_saves_that_step_and_ends_there() -> None:
     class StopAndSave(Callback):
         def on_step_end(self, run: RunView) -> None:
             if run.step == 3:
-                run.request_save()
                 run.request_stop("done early", all_ranks=True)
 
     saver = FakeCheckpointer()
@@ -158,3 +160,21 @@ def test_an_exception_reaches_the_callbacks_and_names_its_step() -> None:
         _fit([rec])
     assert rec.calls[-1] == ("exception", 4)
     assert getattr(info.value, WHERE_ATTR) == "a callback's on_step_end after step 4"
+
+
+@pytest.mark.multiproc
+def test_a_request_made_on_one_rank_is_acted_on_by_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = worker(2, "callback_requests.py", [str(out)])
+    rows = {r["rank"]: r for r in map(json.loads, (line for line in result.stdout.splitlines()
+                                                   if line.startswith("{")))}
+    assert set(rows) == {0, 1}
+    steps, saves = rows[0]["steps"], rows[0]["saves"]
+    assert rows[1]["steps"] == steps and rows[1]["saves"] == saves  # both ranks did the same
+    last = steps[-1]
+    assert steps == list(range(1, last + 1)) and 3 < last < 500  # stopped, a round or two after step 3
+    # rank 0's save, agreed a round after step 2, then the stop's own save at the last step.
+    assert len(saves) == 2 and 2 < saves[0] <= last and saves[1] == last
+    committed = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert committed[-1] == f"step-{last:09d}"
+    assert f"stopped by a signal or a callback on another rank at step {last}" in result.stdout

@@ -45,5 +45,6 @@ def build_duties(state: TrainState, logger: MultiLogger, progress: Progress, met
         stack.append(Checkpointing(checkpointer, meter, checks, every_steps, every_minutes))
     hooks = Hooks([*stack, *callbacks])
     requests = Requests()
-    steering = Steering(dist_state, requests, agreement, hooks.requests_alone)
+    elsewhere = "a signal or a callback on another rank" if callbacks else "a signal on another rank"
+    steering = Steering(dist_state, requests, agreement, hooks.requests_alone, elsewhere)
     return Duties(RunView(state, requests), hooks, steering, checks, meter, clock, guard)

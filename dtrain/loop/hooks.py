@@ -130,7 +130,8 @@ class RunView:
         return self.state.module
 
     def request_stop(self, reason: str = "a callback", all_ranks: bool = False) -> None:
-        """End the run at the next step boundary (after a checkpoint, where one is taken). `all_ranks`: every
+        """End the run at the next step boundary, after a checkpoint (where the run takes them), so that the
+        same command resumes it. `all_ranks`: every
         rank asks at this same step (e.g. decided from a record), so no agreement round is needed."""
         if all_ranks:
             self._requests.stop_now = self._requests.stop_now or reason

@@ -26,16 +26,18 @@ class Decision:
 
 
 ELSEWHERE = "a signal on another rank"
-"""Why a rank stops when the stop was asked for on another rank only."""
+"""Why a rank stops when the stop was asked for on another rank only, when only signals ask alone."""
 
 
 class Steering:
-    def __init__(self, dist_state: DistState, requests: Requests, agreement: LaggedAgreement, agree: bool) -> None:
+    def __init__(self, dist_state: DistState, requests: Requests, agreement: LaggedAgreement, agree: bool,
+                 elsewhere: str = ELSEWHERE) -> None:
         self.dist_state = dist_state
         self.requests = requests
         self.agreement = agreement
         self.agree = agree and dist_state.world_size > 1
         """Whether a rank's own requests need a round of agreement: some callback may request alone."""
+        self.elsewhere = elsewhere
         self._sent: Optional[str] = None
         """The reason of this rank's last stop request sent for agreement."""
 
@@ -48,12 +50,13 @@ class Steering:
             if due:  # sent in this round: each request goes out once
                 self._sent = r.stop or self._sent
                 r.stop, r.save, r.eval = None, False, False
-            stop = r.stop_now or ((self._sent or ELSEWHERE) if agreed[0] else None)
+            stop = r.stop_now or ((self._sent or self.elsewhere) if agreed[0] else None)
         else:
             agreed = flags
             stop = r.stop_now or r.stop
             r.stop, r.save, r.eval = None, False, False
-        decision = Decision(stop, r.save_now or agreed[1], r.eval_now or agreed[2])
+        # A run that stops saves first (where it has a checkpointer): the same command resumes it.
+        decision = Decision(stop, stop is not None or r.save_now or agreed[1], r.eval_now or agreed[2])
         r.stop_now, r.save_now, r.eval_now = None, False, False
         return decision
 

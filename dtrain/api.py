@@ -77,7 +77,7 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
     elif metrics is not None:
         given.metrics = [(None, fn) for fn in metrics]
     result = run_train(cfg, given=given)
-    return Result(result.eval, result.loop.module, cfg, result.loop.dist.is_main)
+    return Result(result.eval, result.loop.module, cfg, result.loop.dist.is_main, result.output_dir)
 
 
 def _config(config: Union[str, "os.PathLike[str]", Config, None], overrides: Sequence[str]) -> Config:

@@ -238,6 +238,16 @@ def test_api_without_eval_data_trains_without_eval(tmp_path: Path) -> None:
     assert len(records(tmp_path, "train_epoch")) == 2
 
 
+def test_the_result_says_where_the_run_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no output_dir: the run picks runs/<date>-<time> under the working directory
+    x = torch.randn(16, 3)
+    result = dtrain.train(model=nn.Linear(3, 1), train_data=TensorDataset(x, x.sum(1, keepdim=True)), loss="mse",
+                          overrides=["train.epochs=1", "log.progress=none"])
+    made = [p for p in (tmp_path / "runs").iterdir()]
+    assert len(made) == 1 and Path(result.output_dir).resolve() == made[0].resolve()
+    assert (made[0] / "metrics.jsonl").exists() and (made[0] / "model.pt").exists()
+
+
 @pytest.mark.multiproc
 def test_importing_dtrain_imports_no_torch() -> None:
     res = run([sys.executable, "-c", "import sys, dtrain; dtrain.load_config; print('torch' in sys.modules)"])

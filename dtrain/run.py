@@ -15,7 +15,7 @@ from dtrain.checkpoint import store as checkpoint
 from dtrain.checkpoint.store import mark_finished
 from dtrain.loop.compiling import CompileWatch, compile_in_place
 from dtrain.config import Config, global_batch, to_dict, to_yaml
-from dtrain.parallel.ddp import wrap_ddp
+from dtrain.parallel import build_strategy
 from dtrain.data.loaders import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
 from dtrain.runtime.devices import resolve_backend, resolve_device
 from dtrain.runtime.dist import DistState, distributed
@@ -72,8 +72,15 @@ class Parts:
     """What each rank builds on its own, before the ranks agree it all worked."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    """The plain model on its device, not yet wrapped by the strategy."""
     groups: list[GroupInfo]
+
+
+def _optimizer(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> tuple[torch.optim.Optimizer,
+                                                                                   list[GroupInfo]]:
+    # on_nonfinite=skip undoes a step on the device; Adam's CPU step counter would need a host read.
+    device_steps = cfg.train.on_nonfinite == "skip" and dist_state.device.type == "cuda"
+    return build_optimizer(cfg.optim, model, device_steps)
 
 
 def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> Parts:
@@ -82,32 +89,33 @@ def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> P
         raise DTrainError(f"the model ({type(model).__name__}, from model.name={cfg.model.name}) {what}: "
                           "nothing to train")
     model = model.to(dist_state.device)
-    # Parameter-group errors surface before DDP's first broadcast of the weights.
-    # on_nonfinite=skip undoes a step on the device; Adam's CPU step counter would need a host read.
-    device_steps = cfg.train.on_nonfinite == "skip" and dist_state.device.type == "cuda"
-    optimizer, infos = build_optimizer(cfg.optim, model, device_steps)
-    return Parts(model, optimizer, infos)
+    # A throwaway optimizer on the plain model: parameter-group errors surface here, before the agreement
+    # and the strategy's first collective. The real one is built after the wrap, from the wrapped model.
+    _, infos = _optimizer(cfg, dist_state, model)
+    return Parts(model, infos)
 
 
 def wrap(cfg: Config, dist_state: DistState, parts: Parts, total_steps: int,
          precision_name: Optional[str] = None) -> TrainState:
-    """DDP around the model (its construction broadcasts rank 0's weights; none for one process), schedule and
-    precision."""
+    """The strategy's wrap (DDP's construction broadcasts rank 0's weights; one process is not wrapped), then the
+    optimizer over the wrapped model's parameters, schedule and precision."""
     precision = build_precision(precision_name or cfg.train.precision, dist_state.device)
     watch = compile_in_place(parts.model) if cfg.train.compile else CompileWatch()
     try:
-        ddp = wrap_ddp(parts.model, cfg.dist, dist_state.device, dist_state.world_size, dist_state.backend)
-        scheduler = build_scheduler(cfg.sched, parts.optimizer, cfg.optim.lr, total_steps)
+        strategy = build_strategy(cfg.dist, dist_state)
+        model = strategy.wrap(parts.model)
+        optimizer, _ = _optimizer(cfg, dist_state, strategy.unwrap(model))
+        scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total_steps)
     except BaseException:
         watch.close()
         raise
-    return TrainState(ddp, parts.optimizer, scheduler, precision, dist_state, cfg.train.grad_accum_steps,
+    return TrainState(model, optimizer, scheduler, precision, dist_state, strategy, cfg.train.grad_accum_steps,
                       cfg.train.grad_clip, compile_watch=watch)
 
 
 def build_loop(cfg: Config, dist_state: DistState, model: torch.nn.Module, total_steps: int,
                precision_name: Optional[str] = None) -> tuple[TrainState, list[GroupInfo]]:
-    """Model -> optimizer -> DDP in one go, for callers that need no agreement step (tests, tools)."""
+    """Model -> strategy's wrap -> optimizer in one go, for callers that need no agreement step (tests, tools)."""
     parts = build_parts(cfg, dist_state, model)
     return wrap(cfg, dist_state, parts, total_steps, precision_name), parts.groups
 

@@ -102,18 +102,3 @@ def test_bad_knob_values_are_one_line() -> None:
     with pytest.raises(ConfigError, match="config key 'dist.bucket_cap_mb' has value 0.0; allowed: a number of MiB"):
         load_config(None, ["dist.bucket_cap_mb=0"])
 
-
-def test_one_process_is_not_wrapped_in_ddp() -> None:
-    """Nothing to all-reduce: the model itself, with DDP's `module` and a no_sync that changes nothing."""
-    from torch import nn
-
-    from dtrain.parallel.ddp import Alone, wrap_ddp
-
-    model = nn.Linear(3, 2)
-    wrapped = wrap_ddp(model, load_config(None, ["dist.grad_compression=bf16"]).dist, torch.device("cpu"), 1)
-    assert isinstance(wrapped, Alone) and wrapped.module is model
-    x = torch.randn(5, 3)
-    with wrapped.no_sync():
-        wrapped(x).sum().backward()
-    torch.testing.assert_close(model.weight.grad, x.sum(0).expand(2, 3))  # d/dW of sum(xW^T + b)
-    assert list(wrapped.module.state_dict()) == ["weight", "bias"]

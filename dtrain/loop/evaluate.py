@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader
 
 from dtrain.loop.state import TrainState
 from dtrain.loop.step import to_device
 from dtrain.loop.task import Task
-
-
-def share_buffers(module: nn.Module, world_size: int) -> None:
-    """Give every rank rank 0's buffers (BatchNorm's running statistics, say).
-
-    DDP keeps the parameters identical, but after a step each rank's buffers
-    hold its own last batch; without this each eval shard would be scored by a
-    different model, and none of them would be the saved one (rank 0's).
-    """
-    if world_size == 1:
-        return
-    for buf in module.buffers():
-        dist.broadcast(buf, src=0)
 
 
 @torch.no_grad()
@@ -32,8 +17,8 @@ def evaluate(state: TrainState, task: Task, loader: DataLoader) -> dict[str, flo
     Each rank sums per-sample values over its shard (no padding); one
     all-reduce of [sums..., count] makes them global.
     """
-    model = state.module  # unwrapped: eval needs no DDP hooks
-    share_buffers(model, state.dist.world_size)
+    state.strategy.share_buffers(state.model)  # one model on every rank: rank 0's, the one saved
+    model = state.module  # unwrapped: eval needs no gradient hooks
     model.eval()
     names = task.eval_names
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=state.dist.device)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dtrain.loop.compiling import CompileWatch
-from dtrain.parallel.ddp import Wrapped
+from dtrain.parallel.base import Strategy
 from dtrain.runtime.dist import DistState
 from dtrain.loop.precision import Precision
 
@@ -18,12 +18,14 @@ from dtrain.loop.precision import Precision
 class TrainState:
     """The model, its optimizer, schedule and precision, and the counters; `state_dict()` captures all of it."""
 
-    model: Wrapped
-    """DDP around the model, or dtrain.parallel.ddp.Alone for one process."""
+    model: nn.Module
+    """The model as the strategy wrapped it: what the loop calls forward on."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
     dist: DistState
+    strategy: Strategy
+    """How the model is spread over the ranks; every question about the wrapped model goes to it."""
     grad_accum_steps: int = 1
     grad_clip: Optional[float] = None
     step: int = 0
@@ -40,11 +42,11 @@ class TrainState:
     @property
     def module(self) -> nn.Module:
         """The user's model, unwrapped."""
-        return self.model.module
+        return self.strategy.unwrap(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.module.state_dict(),
+            "model": self.strategy.model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.state_dict(),
@@ -55,7 +57,7 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
+        self.strategy.load_model_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("scaler"))

@@ -25,12 +25,10 @@ flagged on the device by `nonfinite.NonFiniteGuard`, and with skip undone there.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from dtrain.data.loaders import TrainShard
@@ -117,8 +115,8 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
     model, opt, precision = state.model, state.optimizer, state.precision
     watch = guard if guard is not None and guard.active else None
     skip = guard if guard is not None and guard.skips else None
-    # DDP averages gradients over ranks; this undoes it so the sum is over the global window.
-    scale = state.dist.world_size / window.global_real
+    strategy = state.strategy
+    scale = strategy.grad_scale(window.global_real)  # the summed loss becomes the global window's mean
     opt.zero_grad(set_to_none=True)
     last = len(window.batches) - 1
     losses: list[torch.Tensor] = []  # the micro-steps' loss sums, for the guard
@@ -127,8 +125,8 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
         # The repeats are always at the batch's end: summing the first `real` per-sample losses
         # leaves them out (a batch of repeats only still runs backward: DDP needs every rank's).
         keep = real if real < batch_len(batch) else None
-        # Skip DDP's all-reduce on all but the window's last backward.
-        with model.no_sync() if j < last else nullcontext():
+        # Gradients are reduced over the ranks once per window, in its last backward.
+        with strategy.sync_gradients(model, j == last):
             with precision.autocast():
                 out = model(x)
                 loss_sum = task.loss_sum(out, y, keep)
@@ -141,12 +139,11 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
     grad_norm = None
     if state.grad_clip is not None:
         precision.unscale_(opt)  # clip the true gradients, not the scaled ones
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
+        grad_norm = strategy.clip_grad_norm(model, state.grad_clip)
     state.step += 1
     if skip is not None:  # decided on the all-reduced gradient, so every rank skips the same steps
         step_loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        norm = grad_norm if grad_norm is not None else nn.utils.get_total_norm(
-            [p.grad for p in model.parameters() if p.grad is not None])
+        norm = grad_norm if grad_norm is not None else strategy.grad_norm(model)
         ok = skip.observe(state.step, step_loss, norm)
         meter.add_unless_skipped(step_loss, sum(window.real), ok)  # the loss counts only if the step stands
         with skip.undo_unless(ok, opt):

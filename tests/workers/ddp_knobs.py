@@ -19,7 +19,7 @@ from torch import nn
 from dtrain.config import load_config
 from dtrain.runtime.dist import distributed
 from dtrain.runtime.env import detect_launch
-from dtrain.parallel.ddp import wrap_ddp
+from dtrain.parallel import build_strategy
 
 KNOBS = [[], ["dist.bucket_cap_mb=0.5"], ["dist.static_graph=true"], ["dist.find_unused_parameters=true"],
          ["dist.grad_compression=bf16"], ["dist.grad_compression=fp16"]]
@@ -38,7 +38,7 @@ def main() -> None:
     with distributed(detect_launch(os.environ), "gloo", "cpu") as ds:
         report = {}
         for extra in KNOBS:
-            ddp = wrap_ddp(model(), load_config(None, extra).dist, ds.device, ds.world_size)
+            ddp = build_strategy(load_config(None, extra).dist, ds).wrap(model())
             hook = ddp._get_ddp_logging_data().get("comm_hook")
             report[" ".join(extra) or "default"] = {
                 "bucket_bytes_cap": ddp.bucket_bytes_cap, "static_graph": ddp.static_graph,
@@ -56,15 +56,16 @@ def main() -> None:
         grads = {}
         for compression in ("none", "bf16", "fp16"):
             cfg = load_config(None, [f"dist.grad_compression={compression}"])
-            ddp = wrap_ddp(model(), cfg.dist, ds.device, ds.world_size)
+            strategy = build_strategy(cfg.dist, ds)
+            ddp = strategy.wrap(model())
             sl = slice(ds.rank * 32, (ds.rank + 1) * 32)
             F.cross_entropy(ddp(x[sl]), y[sl]).backward()  # DDP averages the ranks' gradients
-            grads[compression] = flat_grad(ddp.module).tolist()
+            grads[compression] = flat_grad(strategy.unwrap(ddp)).tolist()
         buckets = {}
         for extra in ([], ["dist.bucket_cap_mb=1"]):
             torch.manual_seed(0)
             mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-            ddp = wrap_ddp(mlp, load_config(None, extra).dist, ds.device, ds.world_size)
+            ddp = build_strategy(load_config(None, extra).dist, ds).wrap(mlp)
             for _ in range(3):  # DDP rebuilds its buckets in the order gradients arrived, at the second step
                 ddp(torch.randn(4, 784)).sum().backward()
             sizes = ddp._get_ddp_logging_data()["rebuilt_bucket_sizes"]

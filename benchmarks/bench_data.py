@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from dtrain.data.loaders import Datasets
+from dtrain.data.types import Datasets
 
 MLP_SAMPLES = 60_000
 CNN_SAMPLES = 8_192

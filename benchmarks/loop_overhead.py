@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.config import load_config
-from dtrain.data.loaders import build_datasets, build_loaders
+from dtrain.data.builtin import build_datasets
+from dtrain.data.loaders import build_loaders
 from dtrain.runtime.dist import distributed
 from dtrain.callbacks.stack import build_duties
 from dtrain.loop.engine import FitPlan, fit
@@ -50,14 +51,14 @@ def main() -> None:
     with distributed(detect_launch(os.environ), "auto", "auto") as ds:
         torch.manual_seed(0)
         data = build_datasets(cfg.data, 0)
-        loaders = build_loaders(data, cfg.data, 0, ds)
+        loaders = build_loaders(data, cfg.data, 0, ds, cfg.train.grad_accum_steps)
 
         def hand_written() -> float:
             model = DDP(build_model(cfg.model, data.input_shape, data.num_classes).to(ds.device))
             opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
             t = time.perf_counter()
             for epoch in range(EPOCHS):
-                loaders.train_sampler.set_epoch(epoch)
+                loaders.train.sampler.set_epoch(epoch)
                 for x, y in loaders.train.batches:
                     x, y = x.to(ds.device), y.to(ds.device)
                     loss = F.cross_entropy(model(x), y)

@@ -31,11 +31,11 @@ if __name__ == "__main__":
     # load torch; the test then runs from the module imported by name.
     sys.exit(lr_find_main())
 
-from dtrain.data.loaders import Loaders  # noqa: E402 - after the command-line entry, on purpose
+from dtrain.data.source import TrainSource, Window  # noqa: E402 - after the command-line entry, on purpose
 from dtrain.config import Config, LRFindConfig, SchedConfig, to_yaml
 from dtrain.loop.meters import Meter
 from dtrain.loop.state import TrainState
-from dtrain.loop.step import Window, epoch_windows, train_step
+from dtrain.loop.step import train_step
 from dtrain.loop.task import Task
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.checkpoint.rundir import new_run_dir
@@ -116,12 +116,11 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> Suggestion:
     return Suggestion(min_loss_lr / 10, min_loss_lr, steepest_lr, "lr at the smoothed loss minimum / 10")
 
 
-def windows(loaders: Loaders, k: int) -> Iterator[Window]:
+def windows(source: TrainSource) -> Iterator[Window]:
     """The training run's windows (see `dtrain.loop.engine.fit`), epoch after epoch, without end."""
     epoch = 0
     while True:
-        loaders.train_sampler.set_epoch(epoch)
-        yield from epoch_windows(loaders.train, loaders.train_shard, k)
+        yield from source.windows(epoch)
         epoch += 1
 
 
@@ -260,12 +259,12 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
     f = cfg.lr_find
     # The same set-up as `dtrain.run.train`, so the weights and batches are those a training run starts with.
     with session(run_cfg, environ, lambda: prepare(output_dir(cfg), cfg.overwrite), total_steps=f.num_steps) as run:
-        ds, loaders = run.ds, run.loaders
+        ds = run.ds
         if ds.is_main:
             print(f"{PROG}: lr {f.start_lr:g} -> {f.end_lr:g} over {f.num_steps} steps, optim.name="
                   f"{cfg.optim.name}, global batch {run.runtime['global_batch']}, world size {ds.world_size}",
                   flush=True)
-        batches = windows(loaders, cfg.train.grad_accum_steps)
+        batches = windows(run.loaders.train)
         curve = range_test(run.loop, run.task, batches, f, cfg.optim.lr)
         # Rank 0's errors (e.g. a failing write) reach every rank instead of leaving them waiting.
         return ds.run_on_main(lambda: report(cfg, curve, run.runtime))

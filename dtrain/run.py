@@ -16,10 +16,13 @@ from dtrain.checkpoint.store import mark_finished
 from dtrain.loop.compiling import CompileWatch, compile_in_place
 from dtrain.config import Config, global_batch, to_dict, to_yaml
 from dtrain.parallel import build_strategy
-from dtrain.data.loaders import Datasets, Loaders, build_datasets, build_loaders, describe, fetch_datasets
+from dtrain.data.builtin import build_datasets
+from dtrain.data.download import fetch_datasets
+from dtrain.data.loaders import Loaders, build_loaders
+from dtrain.data.types import Datasets, fill_in_shapes
 from dtrain.runtime.devices import resolve_backend, resolve_device
 from dtrain.runtime.dist import DistState, distributed
-from dtrain.loop.engine import FitPlan, fit, steps_per_epoch
+from dtrain.loop.engine import FitPlan, fit
 from dtrain.runtime.env import detect_launch
 from dtrain.errors import DTrainError
 from dtrain.runtime.faults import phase
@@ -206,8 +209,9 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
             # Seeding right before data and model makes the initial weights a function of
             # train.seed alone: identical on every rank, in train() and in lr_find().
             seed_everything(cfg.train.seed)
-            data = describe(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
-            loaders = build_loaders(data, cfg.data, cfg.train.seed, ds, tuple(cfg.checkpoint.signals))
+            data = fill_in_shapes(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
+            loaders = build_loaders(data, cfg.data, cfg.train.seed, ds, cfg.train.grad_accum_steps,
+                                    tuple(cfg.checkpoint.signals))
             parts = build_parts(cfg, ds, _model(cfg, given, data))
             check_first_batch(parts.model, task, data, ds.device, _model_label(cfg, given), cfg.data.batch_size,
                               build_precision(cfg.train.precision, ds.device).autocast)
@@ -219,7 +223,7 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
             ds.run_on_main(lambda: claim(start), share_result=False)
         # From here on, randomness (dropout, say) differs between ranks, reproducibly.
         seed_everything(rank_seed(cfg.train.seed, ds.rank, ds.world_size))
-        per_epoch = steps_per_epoch(loaders.train, cfg.train.grad_accum_steps)
+        per_epoch = loaders.train.steps_per_epoch
         total = total_steps or plan_for(cfg).total_steps(per_epoch)
         loop = wrap(cfg, ds, parts, total)
         try:
@@ -231,7 +235,7 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
                 path = start.checkpoint
                 # Rank 0 reads it (the only rank sure to see rank 0's storage) and shares it.
                 payload = ds.run_on_main(lambda: checkpoint.load(path))
-                restore(loop, payload, cfg, loaders, meter, path)
+                restore(loop, payload, cfg, loaders.train, meter, path)
                 resumed = {"path": path, "step": loop.step, "wandb_id": payload.get("wandb_id")}
             runtime = runtime_summary(cfg, ds, loop.precision.name)
             # Objects handed to dtrain.train have no config name: say what they were.
@@ -313,10 +317,10 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
                        f"{run.steps_per_epoch} steps per epoch, {run.total_steps} steps in all; outputs in {out}")
         if run.resumed:
             say(f"dtrain: resuming from {run.resumed['path']} (step {resume_step}, "
-                           f"epoch {loop.epoch + 1}, step {loop.window_in_epoch} of the epoch)")
+                           f"epoch {loop.epoch + 1}, step {run.loaders.train.position} of the epoch)")
         try:
             with logger, StopSignals(cfg.checkpoint.signals, cfg.checkpoint.stop_grace_s, ds.watch) as signals:
-                saver = Checkpointer(cfg, out, ds, run.loaders, signals, logger.run_id, progress.print)
+                saver = Checkpointer(cfg, out, ds, run.loaders.train, signals, logger.run_id, progress.print)
                 guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, ds.device,
                                        check_grads=loop.precision.scaler is None)
                 outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter, guard)

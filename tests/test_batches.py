@@ -7,22 +7,33 @@ over the index list of a stock `DistributedSampler`, cut at the resume start.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from dtrain.data.batches import TensorBatches
 from dtrain.config import DataConfig, load_config
-from dtrain.data.loaders import Datasets, build_loaders
-from dtrain.runtime.dist import DistState
+from dtrain.data.batches import TensorBatches
+from dtrain.data.loaders import Loaders, build_loaders
+from dtrain.data.types import Datasets
 from dtrain.errors import ConfigError, DTrainError
+from dtrain.runtime.dist import DistState
 
 
 def _state(rank: int, world_size: int) -> DistState:
     return DistState("test", rank, rank, world_size, "gloo", torch.device("cpu"))
+
+
+def _loaders(data: Datasets, cfg: DataConfig, rank: int, world_size: int) -> Loaders:
+    return build_loaders(data, cfg, seed=3, dist_state=_state(rank, world_size), grad_accum_steps=1)
+
+
+def _epoch(loaders: Loaders, epoch: int, start: int = 0) -> list[Any]:
+    """The train reader's batches of `epoch` from this rank's sample `start` on."""
+    loaders.train.sampler.set_epoch(epoch)
+    loaders.train.sampler.start = start
+    return list(loaders.train.batches)
 
 
 def _data(n: int) -> TensorDataset:
@@ -52,36 +63,33 @@ def test_train_batches_equal_the_dataloaders_for_every_epoch_rank_and_start(n: i
     ds = _data(n)
     cfg = DataConfig(name="synthetic", batch_size=b)
     for rank, epoch in itertools.product(range(w), (0, 1)):
-        loaders = build_loaders(Datasets(ds, None), cfg, seed=3, dist_state=_state(rank, w))
-        assert isinstance(loaders.train, TensorBatches) and loaders.fast_path
+        loaders = _loaders(Datasets(ds, None), cfg, rank, w)
+        assert isinstance(loaders.train.batches, TensorBatches)
         per_rank = len(list(DistributedSampler(ds, num_replicas=w, rank=rank)))
         for start in sorted({0, b, 2 * b + 1 if 2 * b + 1 < per_rank else 0, per_rank - 1, per_rank}):
-            loaders.train_sampler.set_epoch(epoch)
-            loaders.train_sampler.start = start
             want = _reference(ds, n, w, rank, b, epoch, start)
-            _same(list(loaders.train), want)
-            assert len(loaders.train) == len(want)
+            _same(_epoch(loaders, epoch, start), want)
+            assert len(loaders.train.batches) == len(want)  # type: ignore[arg-type]
 
 
 def test_both_paths_equal_and_fast_path_false_takes_the_dataloader() -> None:
     ds = _data(101)
     for fast in (True, False):
         cfg = DataConfig(name="synthetic", batch_size=8, eval_batch_size=16, fast_path=fast)
-        loaders = build_loaders(Datasets(ds, ds), cfg, seed=3, dist_state=_state(1, 3))
-        assert isinstance(loaders.train, TensorBatches) is fast and isinstance(loaders.eval, TensorBatches) is fast
-        assert isinstance(loaders.train, DataLoader) is not fast
-        loaders.train_sampler.set_epoch(2)
-        _same(list(loaders.train), _reference(ds, 101, 3, 1, 8, 2, 0))
+        loaders = _loaders(Datasets(ds, ds), cfg, 1, 3)
+        train = loaders.train.batches
+        assert isinstance(train, TensorBatches) is fast and isinstance(loaders.eval, TensorBatches) is fast
+        assert isinstance(train, DataLoader) is not fast
+        _same(_epoch(loaders, 2), _reference(ds, 101, 3, 1, 8, 2, 0))
         # eval: this rank's shard, never padded, in order
         _same(list(loaders.eval), list(DataLoader(Subset(ds, range(1, 101, 3)), batch_size=16)))
 
 
 def test_a_subset_of_a_tensor_dataset_takes_the_fast_path_exactly() -> None:
     ds = Subset(Subset(_data(200), list(range(199, -1, -2))), [5, 0, 3, 90, 7, 11, 12, 13, 50, 51, 52])
-    loaders = build_loaders(Datasets(ds, None), DataConfig(batch_size=4), seed=3, dist_state=_state(0, 2))
-    assert loaders.fast_path
-    loaders.train_sampler.set_epoch(1)
-    _same(list(loaders.train), _reference(ds, len(ds), 2, 0, 4, 1, 0))
+    loaders = _loaders(Datasets(ds, None), DataConfig(batch_size=4), 0, 2)
+    assert isinstance(loaders.train.batches, TensorBatches)
+    _same(_epoch(loaders, 1), _reference(ds, len(ds), 2, 0, 4, 1, 0))
 
 
 class _Transformed(TensorDataset):
@@ -116,21 +124,18 @@ class _Batched(_Items):
 def test_transforms_and_per_sample_datasets_keep_the_dataloader() -> None:
     t = _Transformed(torch.randn(20, 2), torch.zeros(20, dtype=torch.long))
     for ds in (t, _Items(20), Subset(_Items(20), [1, 2, 3])):
-        loaders = build_loaders(Datasets(ds, ds), DataConfig(batch_size=4), seed=3, dist_state=_state(0, 1))
-        assert isinstance(loaders.train, DataLoader) and isinstance(loaders.eval, DataLoader), type(ds)
+        loaders = _loaders(Datasets(ds, ds), DataConfig(batch_size=4), 0, 1)
+        assert isinstance(loaders.train.batches, DataLoader) and isinstance(loaders.eval, DataLoader), type(ds)
     # and the transform is applied on that path
-    loaders = build_loaders(Datasets(t, None), DataConfig(batch_size=20), seed=3, dist_state=_state(0, 1))
-    loaders.train_sampler.set_epoch(0)
-    (x, _), = list(loaders.train)
+    (x, _), = _epoch(_loaders(Datasets(t, None), DataConfig(batch_size=20), 0, 1), 0)
     assert torch.equal(x.sort(dim=0).values, (t.tensors[0] * 2).sort(dim=0).values)
 
 
 def test_a_dataset_with_get_batch_takes_the_fast_path() -> None:
     ds = _Batched(23)
-    loaders = build_loaders(Datasets(ds, None), DataConfig(batch_size=5), seed=3, dist_state=_state(1, 2))
-    assert loaders.fast_path
-    loaders.train_sampler.set_epoch(0)
-    got = list(loaders.train)
+    loaders = _loaders(Datasets(ds, None), DataConfig(batch_size=5), 1, 2)
+    assert isinstance(loaders.train.batches, TensorBatches)
+    got = _epoch(loaders, 0)
     assert ds.calls == len(got) == 3
     want = _reference(ds, 23, 2, 1, 5, 0, 0)
     for g, w in zip(got, want):
@@ -140,41 +145,12 @@ def test_a_dataset_with_get_batch_takes_the_fast_path() -> None:
 def test_device_resident() -> None:
     ds = _data(50)
     cfg = DataConfig(batch_size=8, device_resident=True)
-    loaders = build_loaders(Datasets(ds, ds), cfg, seed=3, dist_state=_state(0, 2))
-    loaders.train_sampler.set_epoch(0)
-    _same(list(loaders.train), _reference(ds, 50, 2, 0, 8, 0, 0))
+    loaders = _loaders(Datasets(ds, ds), cfg, 0, 2)
+    _same(_epoch(loaders, 0), _reference(ds, 50, 2, 0, 8, 0, 0))
     # On CPU the data is already on the model's device: nothing is copied.
-    assert loaders.train.source.tensors[0].data_ptr() == ds.tensors[0].data_ptr()
+    assert loaders.train.batches.source.tensors[0].data_ptr() == ds.tensors[0].data_ptr()  # type: ignore[attr-defined]
     with pytest.raises(DTrainError, match="data.device_resident=true needs train data that is a TensorDataset"):
-        build_loaders(Datasets(_Batched(10), None), cfg, seed=3, dist_state=_state(0, 1))
+        _loaders(Datasets(_Batched(10), None), cfg, 0, 1)
     with pytest.raises(ConfigError, match="config key 'data.device_resident' has value True; allowed: false with "
                                           "data.fast_path=false"):
         load_config(None, ["data.device_resident=true", "data.fast_path=false"])
-
-
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
-def test_decoded_vision_batches_equal_torchvisions_own_items(name: str, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """dtrain's MNIST/FashionMNIST/CIFAR-10 take the fast path; a batch equals torchvision's ToTensor + Normalize
-    items, collated, bit for bit."""
-    torchvision = pytest.importorskip("torchvision")
-    from torch.utils.data import default_collate
-    from torchvision import transforms
-
-    from dtrain.data.loaders import build_datasets
-    from test_vision import STATS, write
-
-    write(name, tmp_path, monkeypatch)
-    data = build_datasets(DataConfig(name=name, root=str(tmp_path)), seed=0)
-    mean, std = STATS[name]
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[name]
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-    for train, ours in ((True, data.train), (False, data.eval)):
-        theirs = cls(str(tmp_path), train=train, transform=tf)
-        idx = torch.randperm(len(theirs), generator=torch.Generator().manual_seed(0))[:13]
-        want = default_collate([theirs[i] for i in idx.tolist()])
-        _same([ours.get_batch(idx)], [want])
-        _same([default_collate([ours[i] for i in idx.tolist()])], [want])  # the DataLoader path, too
-    loaders = build_loaders(data, DataConfig(batch_size=8), seed=3, dist_state=_state(0, 2))
-    assert loaders.fast_path and isinstance(loaders.eval, TensorBatches)

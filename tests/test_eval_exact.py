@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dtrain.config import DataConfig
-from dtrain.data.loaders import synthetic
+from dtrain.data.builtin import synthetic
 from dtrain.models.builtin import mlp
 from helpers import dtrain, records
 

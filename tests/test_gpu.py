@@ -12,13 +12,15 @@ import torch
 import yaml
 
 from dtrain.config import load_config
-from dtrain.data.loaders import build_datasets, build_loaders
+from dtrain.data.builtin import build_datasets
+from dtrain.data.loaders import build_loaders
+from dtrain.data.source import Window
 from dtrain.runtime.dist import distributed
 from dtrain.runtime.env import LaunchInfo
 from dtrain.loop.meters import Meter
 from dtrain.models.builtin import build_model
 from dtrain.run import build_loop
-from dtrain.loop.step import Window, epoch_windows, train_step
+from dtrain.loop.step import train_step
 from dtrain.loop.task import build_task
 from helpers import dtrain, records
 
@@ -48,12 +50,12 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
     cfg = load_config(None, ["data.name=synthetic", "train.precision=fp16", "optim.momentum=0.0"])
     with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
         data = build_datasets(cfg.data, 0)
-        loaders = build_loaders(data, cfg.data, 0, ds)
+        loaders = build_loaders(data, cfg.data, 0, ds, 1)
         loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
         scaler = loop.precision.scaler
         assert scaler is not None
-        batch = next(iter(loaders.train))
-        window = Window([batch], [len(batch[1])], len(batch[1]))
+        batch = next(iter(loaders.train.batches))
+        window = Window([batch], [len(batch[1])], len(batch[1]), 0.0, 0)
         meter = Meter(ds.device)
         train_step(loop, CE, window, meter)
         assert loop.skipped_steps == 0
@@ -77,10 +79,9 @@ def _syncs_in_five_steps(overrides: list[str], guard_mode: Optional[str] = None)
     cfg = load_config(None, ["data.name=synthetic", "train.grad_accum_steps=2", *overrides])
     with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
         data = build_datasets(cfg.data, 0)
-        loaders = build_loaders(data, cfg.data, 0, ds)
+        loaders = build_loaders(data, cfg.data, 0, ds, cfg.train.grad_accum_steps)
         loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
-        loaders.train_sampler.set_epoch(0)
-        windows = list(epoch_windows(loaders.train, loaders.train_shard, 2))
+        windows = list(loaders.train.windows(0))
         meter = Meter(ds.device)
         guard = NonFiniteGuard(guard_mode, 10, ds.device) if guard_mode else None
         train_step(loop, CE, windows[0], meter, guard)

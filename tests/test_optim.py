@@ -18,11 +18,13 @@ from torch import nn
 
 from dtrain.__main__ import main as dtrain_main
 from dtrain.config import Config, OptimConfig, ParamGroupConfig, SchedConfig, load_config
-from dtrain.data.loaders import build_datasets, build_loaders
+from dtrain.data.builtin import build_datasets
+from dtrain.data.loaders import build_loaders
+from dtrain.data.source import Window
 from dtrain.runtime.dist import DistState, distributed
 from dtrain.loop.meters import Meter
 from dtrain.loop.state import TrainState
-from dtrain.loop.step import Window, epoch_windows, train_step
+from dtrain.loop.step import train_step
 from dtrain.runtime.env import LaunchInfo
 from dtrain.errors import ConfigError
 from dtrain.models.builtin import build_model, mlp
@@ -324,9 +326,8 @@ def test_logged_lr_is_the_same_at_any_world_size_and_accumulation(tmp_path: Path
 
 def _batches(cfg: Config, ds: DistState, n: int) -> list[Window]:
     data = build_datasets(cfg.data, cfg.train.seed)
-    loaders = build_loaders(data, cfg.data, cfg.train.seed, ds)
-    loaders.train_sampler.set_epoch(0)
-    windows = list(epoch_windows(loaders.train, loaders.train_shard, cfg.train.grad_accum_steps))
+    loaders = build_loaders(data, cfg.data, cfg.train.seed, ds, cfg.train.grad_accum_steps)
+    windows = list(loaders.train.windows(0))
     assert len(windows) >= n
     return windows[:n]
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 from dtrain.config import DataConfig
-from dtrain.data.loaders import synthetic
+from dtrain.data.builtin import synthetic
 from dtrain.models.builtin import mlp
 from dtrain.loop.task import build_task
 from helpers import dtrain, records
@@ -79,24 +79,23 @@ def test_clipping_logs_pre_clip_norm_and_bounds_the_update(tmp_path: Path, nproc
 
 def _scaled_state(scale: float):  # -> (TrainState, list[Window]); a fp32 model under a CPU GradScaler
     from dtrain.config import load_config
-    from dtrain.data.loaders import build_datasets, build_loaders
+    from dtrain.data.builtin import build_datasets
+    from dtrain.data.loaders import build_loaders
     from dtrain.runtime.dist import distributed
     from dtrain.runtime.env import LaunchInfo
     from dtrain.loop.precision import Precision
     from dtrain.run import build_loop
-    from dtrain.loop.step import epoch_windows
 
     cfg = load_config(None, ["data.name=synthetic", "data.train_size=256", "train.grad_accum_steps=2",
                              "train.grad_clip=1.0", "optim.momentum=0.0"])
     ctx = distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "gloo", "cpu")
     ds = ctx.__enter__()
     data = build_datasets(cfg.data, 0)
-    loaders = build_loaders(data, cfg.data, 0, ds)
+    loaders = build_loaders(data, cfg.data, 0, ds, cfg.train.grad_accum_steps)
     torch.manual_seed(0)
     state, _ = build_loop(cfg, ds, mlp(data.input_shape, data.num_classes), 100)
     state.precision = Precision("fp32", ds.device, torch.amp.GradScaler("cpu", init_scale=scale))
-    loaders.train_sampler.set_epoch(0)
-    return ctx, state, list(epoch_windows(loaders.train, loaders.train_shard, 2))
+    return ctx, state, list(loaders.train.windows(0))
 
 
 def test_a_scaled_step_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:

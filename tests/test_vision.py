@@ -19,7 +19,10 @@ import torch
 import torchvision
 
 from dtrain.config import DataConfig, load_config
-from dtrain.data.loaders import build_datasets, fetch_datasets
+from dtrain.data.batches import TensorBatches
+from dtrain.data.builtin import build_datasets
+from dtrain.data.download import fetch_datasets
+from dtrain.data.loaders import build_loaders
 from dtrain.runtime.dist import DistState
 from dtrain.errors import DTrainError
 from dtrain.run import train
@@ -94,6 +97,37 @@ def test_build_datasets_reads_the_real_formats_normalised(name: str, tmp_path: P
     mean, std = STATS[name]
     assert data.train[0][0][0, 3, 5].item() == pytest.approx((p / 255 - mean[0]) / std[0], abs=1e-5)
 
+
+
+def _same_bytes(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_decoded_vision_batches_equal_torchvisions_own_items(name: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """dtrain's MNIST/FashionMNIST/CIFAR-10 take the fast path; a batch equals torchvision's ToTensor + Normalize
+    items, collated, bit for bit."""
+    from torch.utils.data import default_collate
+    from torchvision import transforms
+
+    write(name, tmp_path, monkeypatch)
+    data = build_datasets(DataConfig(name=name, root=str(tmp_path)), seed=0)
+    mean, std = STATS[name]
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    for is_train, ours in ((True, data.train), (False, data.eval)):
+        theirs = cls(str(tmp_path), train=is_train, transform=tf)
+        idx = torch.randperm(len(theirs), generator=torch.Generator().manual_seed(0))[:13]
+        want = default_collate([theirs[i] for i in idx.tolist()])
+        _same_bytes(ours.get_batch(idx), want)
+        _same_bytes(default_collate([ours[i] for i in idx.tolist()]), want)  # the DataLoader path, too
+    ds = DistState("test", 0, 0, 2, "gloo", torch.device("cpu"))
+    loaders = build_loaders(data, DataConfig(batch_size=8), seed=3, dist_state=ds, grad_accum_steps=1)
+    assert isinstance(loaders.train.batches, TensorBatches) and isinstance(loaders.eval, TensorBatches)
 
 def test_cifar10_md5_check_still_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = write("cifar10", tmp_path, monkeypatch)

@@ -98,36 +98,3 @@ class TensorBatches:
     def __len__(self) -> int:
         return math.ceil(len(cast(Sized, self.sampler)) / self.batch_size)
 
-
-class NormalizedImages:
-    """Decoded uint8 images and their labels, normalised per batch exactly as ToTensor + Normalize per image.
-
-    For dtrain's MNIST, FashionMNIST and CIFAR-10: torchvision keeps every
-    image decoded in memory (uint8), and its per-image pipeline is a layout
-    change, a float32 division by 255, then a subtraction of the channel mean
-    and a division by the channel std, each in float32. The same element-wise
-    operations on a whole batch give the same bytes, so `get_batch` equals
-    collating `__getitem__`, which equals torchvision's own items.
-    """
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...],
-                 std: tuple[float, ...], classes: Optional[list[str]] = None) -> None:
-        self.images = images if images.dim() == 4 else images[..., None]
-        """uint8, (N, H, W, C)."""
-        self.targets = targets.to(torch.long)
-        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
-        self.classes = classes
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def _normalise(self, hwc: torch.Tensor) -> torch.Tensor:
-        chw = hwc.movedim(-1, -3).contiguous()
-        return chw.to(torch.float32).div(255).sub(self.mean).div(self.std)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self._normalise(self.images[i]), int(self.targets[i])
-
-    def get_batch(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        return [self._normalise(self.images.index_select(0, indices)), self.targets.index_select(0, indices)]

@@ -4,8 +4,9 @@ torchvision is an optional extra (`pip install dtrain[vision]`) and is
 imported only when one of these datasets is asked for.
 
 torchvision does all the reading and its own integrity checks (CIFAR-10's md5
-table included); this module only turns its failures into one line that says
-which files are missing or bad and how to get them.
+table included); this module turns its failures into one line that says
+which files are missing or bad and how to get them, and keeps the images
+torchvision decoded as `NormalizedImages`, which the fast path batches whole.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from __future__ import annotations
 import os
 import pickle
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+import torch
+
+from dtrain.data.types import Datasets
 from dtrain.errors import DTrainError
-
-if TYPE_CHECKING:
-    from dtrain.data.loaders import Datasets
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,6 @@ def vision_datasets(name: str, root: str) -> Datasets:
     torchvision = _import_torchvision(name)
     from torchvision import transforms
 
-    from dtrain.data.loaders import Datasets
-
     spec = VISION[name]
     cls = getattr(torchvision.datasets, spec.cls_name)
     root = os.path.expanduser(root)
@@ -148,9 +147,39 @@ def vision_datasets(name: str, root: str) -> Datasets:
 def _decoded(ds: Any, spec: VisionSpec) -> Any:
     """The images torchvision has decoded, as NormalizedImages: the same samples, and batches for the fast
     path (dtrain/data/batches.py)."""
-    import torch
-
-    from dtrain.data.batches import NormalizedImages
-
     return NormalizedImages(torch.as_tensor(ds.data), torch.as_tensor(ds.targets), spec.mean, spec.std,
                             list(ds.classes))
+
+
+class NormalizedImages:
+    """Decoded uint8 images and their labels, normalised per batch exactly as ToTensor + Normalize per image.
+
+    For dtrain's MNIST, FashionMNIST and CIFAR-10: torchvision keeps every
+    image decoded in memory (uint8), and its per-image pipeline is a layout
+    change, a float32 division by 255, then a subtraction of the channel mean
+    and a division by the channel std, each in float32. The same element-wise
+    operations on a whole batch give the same bytes, so `get_batch` equals
+    collating `__getitem__`, which equals torchvision's own items.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...],
+                 std: tuple[float, ...], classes: Optional[list[str]] = None) -> None:
+        self.images = images if images.dim() == 4 else images[..., None]
+        """uint8, (N, H, W, C)."""
+        self.targets = targets.to(torch.long)
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _normalise(self, hwc: torch.Tensor) -> torch.Tensor:
+        chw = hwc.movedim(-1, -3).contiguous()
+        return chw.to(torch.float32).div(255).sub(self.mean).div(self.std)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self._normalise(self.images[i]), int(self.targets[i])
+
+    def get_batch(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        return [self._normalise(self.images.index_select(0, indices)), self.targets.index_select(0, indices)]

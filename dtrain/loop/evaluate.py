@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dtrain.loop.state import TrainState
-from dtrain.loop.step import to_device
+from dtrain.data.source import to_device
 from dtrain.loop.task import Task
 
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from dtrain.data.loaders import Datasets
+from dtrain.data.types import Datasets
 from dtrain.errors import DTrainError
-from dtrain.loop.step import to_device
+from dtrain.data.source import to_device
 from dtrain.loop.task import Task
 
 CLASS_LOSSES = ("cross_entropy",)

@@ -32,8 +32,6 @@ class TrainState:
     """Optimizer steps attempted (windows completed); the step of every log record."""
     epoch: int = 0
     """Epochs completed."""
-    window_in_epoch: int = 0
-    """Optimizer steps taken in the current epoch: where a resumed run picks the epoch up."""
     skipped_steps: int = 0
     """fp16 steps whose gradients overflowed; the scaler skipped them and the schedule did not advance."""
     compile_watch: CompileWatch = field(default_factory=CompileWatch)
@@ -52,7 +50,6 @@ class TrainState:
             "scaler": self.precision.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
-            "window_in_epoch": self.window_in_epoch,
             "skipped_steps": self.skipped_steps,
         }
 
@@ -62,5 +59,4 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("scaler"))
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.window_in_epoch = int(state.get("window_in_epoch", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -24,85 +24,15 @@ flagged on the device by `nonfinite.NonFiniteGuard`, and with skip undone there.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
 
-from dtrain.data.loaders import TrainShard
-from dtrain.loop.meters import Meter, Timer
+from dtrain.data.source import Window, batch_len, to_device
+from dtrain.loop.meters import Meter
 from dtrain.loop.nonfinite import NonFiniteGuard
 from dtrain.loop.state import TrainState
 from dtrain.loop.task import Task
-
-
-def batch_len(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch_len(batch[0])
-    if isinstance(batch, dict) and batch:
-        return batch_len(next(iter(batch.values())))
-    raise TypeError(f"cannot tell how many samples a batch of type {type(batch).__name__} holds")
-
-
-@dataclass
-class Window:
-    """The micro-batches of one optimizer step on this rank, and which of their samples are real."""
-
-    batches: list[Any]
-    real: list[int]
-    """Real samples at the head of each micro-batch; the rest are the sampler's repeats."""
-    global_real: int
-    """Real samples in the window on all ranks together: the divisor of the summed loss."""
-
-
-def epoch_windows(loader: DataLoader, shard: TrainShard, k: int,
-                  timer: Optional[Timer] = None, start: int = 0) -> Iterator[Window]:
-    """One epoch of this rank's loader as windows of up to k micro-batches.
-
-    A window's micro-batches are all fetched before its first forward, so its
-    sample count, and so the loss scale, comes from what was read. `start` is
-    the rank's position the loader begins at (a resumed epoch).
-    """
-    it = iter(loader)
-    position = start  # this rank's position in the epoch, counted from the batches fetched
-    exhausted = False
-    while not exhausted:
-        t = time.perf_counter()
-        batches: list[Any] = []
-        for _ in range(k):
-            try:
-                batches.append(next(it))
-            except StopIteration:
-                exhausted = True
-                break
-        if timer is not None:
-            timer.data += time.perf_counter() - t
-        if not batches:
-            return
-        real, start = [], position
-        for b in batches:
-            n = batch_len(b)
-            real.append(shard.real_between(position, position + n))
-            position += n
-        yield Window(batches, real, shard.global_real_between(start, position))
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor in a (nested) batch, moved to the device without blocking the host."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(to_device(b, device) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def train_step(state: TrainState, task: Task, window: Window, meter: Meter,

@@ -12,7 +12,8 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from dtrain.config import load_config
-from dtrain.data.loaders import build_datasets, build_loaders
+from dtrain.data.builtin import build_datasets
+from dtrain.data.loaders import build_loaders
 from dtrain.runtime.dist import distributed
 from dtrain.callbacks.stack import build_duties
 from dtrain.loop.engine import FitPlan, fit
@@ -45,7 +46,7 @@ def main() -> None:
     with distributed(detect_launch(os.environ), "gloo", "cpu") as ds:
         torch.manual_seed(0)
         data = build_datasets(cfg.data, 0)
-        loaders = build_loaders(data, cfg.data, 0, ds)
+        loaders = build_loaders(data, cfg.data, 0, ds, k)
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         per_epoch = loaders.train.steps_per_epoch
         loop, _ = build_loop(cfg, ds, model, per_epoch)

@@ -6,16 +6,18 @@ Two rules make any (world size W, batch B, accumulation K) compute the
 gradient of one big batch of the same samples:
   * a window's gradient is the sum of per-sample losses over the real samples
     of the global window (all ranks) divided by their global count. Each rank
-    scales its summed loss by W / count, because DDP then averages over the W
-    ranks. The count comes from the micro-batches actually fetched and the
-    sampler's padding rule (`TrainShard`), all host arithmetic: no collective.
+    scales its summed loss by the strategy's `grad_scale` (W / count under
+    DDP, which then averages over the W ranks). The count comes from the
+    micro-batches actually fetched and the sampler's padding rule
+    (`TrainShard`), all host arithmetic: no collective.
     Samples the sampler repeated to even out the ranks stay in the batch (every
     rank keeps the shapes rank 0 has) but their per-sample losses are left out
     of the sum, so they add nothing to the loss or the gradient. (A layer that
     mixes samples, BatchNorm in training, still sees them in its batch
     statistics on ranks other than 0.)
-  * the gradient all-reduce runs once per window: the first micro-steps run
-    under `no_sync()`, and DDP reduces the accumulated gradients on the last.
+  * the gradient all-reduce runs once per window: the strategy's
+    `sync_gradients` holds it back on the first micro-steps, and the
+    accumulated gradients are reduced on the last.
 
 Nothing here reads a value back to the host, except GradScaler's one found-inf
 read per step with fp16. Non-finite losses and gradients (train.on_nonfinite) are

@@ -165,7 +165,8 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    """One process is not wrapped in DDP at all (dtrain/parallel/single.py): the DDP knobs below apply from 2 processes."""
+    """One process is not wrapped in DDP at all (dtrain/parallel/single.py): the DDP knobs below apply from 2
+    processes."""
 
     backend: str = "auto"
     """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""

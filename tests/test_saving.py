@@ -98,6 +98,20 @@ def test_a_checkpoint_from_before_registered_states_still_restores(tmp_path: Pat
     assert fresh.calls == 3
 
 
+def test_the_data_source_keeps_its_place_and_older_checkpoints_give_it_from_the_train_state(tmp_path: Path) -> None:
+    cfg, path, ds = _save(tmp_path, {})  # saved with its source two windows into the epoch
+    payload = checkpoint.load(path)
+    assert payload["data"] == {"window_in_epoch": 2}
+    source = FakeSource()
+    restore(FakeRun(ds), payload, cfg, source, Meter(ds.device), path)  # type: ignore[arg-type]
+    assert source.position == 2
+    # Before the source kept its place, the train state held it.
+    del payload["data"]
+    payload["train"]["window_in_epoch"] = 3
+    restore(FakeRun(ds), payload, cfg, source, Meter(ds.device), path)  # type: ignore[arg-type]
+    assert source.position == 3
+
+
 def test_a_state_that_does_not_load_is_one_line_naming_it(tmp_path: Path) -> None:
     _, path, _ = _save(tmp_path, {"counter": Counter(calls=1)})
     payload = checkpoint.load(path)

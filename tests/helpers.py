@@ -64,6 +64,14 @@ def dtrain(nproc: int, overrides: Sequence[str], timeout: float = DEFAULT_TIMEOU
     return result
 
 
+def one_line_error(args: Sequence[str], env: Optional[dict[str, str]] = None) -> str:
+    """`python -m dtrain ARGS` must exit 2 with one line on stderr, `dtrain: error: ...`; that line."""
+    res = run([sys.executable, "-m", "dtrain", *args], timeout=90, env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("dtrain: error: "), res.stderr
+    return lines[0]
+
+
 def free_port() -> int:
     """A port the OS just handed out (and released); the tiny reuse race beats a fixed port."""
     import socket

@@ -140,3 +140,33 @@ def test_a_config_yaml_with_its_own_output_dir_continues_that_run(tmp_path: Path
     assert yaml.safe_load((out / "config.yaml").read_text())["output_dir"] == str(out)
     again = run([sys.executable, "-m", "dtrain", "--config", str(out / "config.yaml")], timeout=120)
     assert again.returncode == 0 and f"the run in {out} finished at step 12" in again.stdout, again.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("args, needle", [
+    (["train.epochs=abc"], "train.epochs"),
+    (["train.bogus=1"], "train.bogus"),
+    (["train.epochs=-1"], "train.epochs"),
+    (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' not found"),
+    (["train.precision=fp16", "train.device=cpu"], "train.precision"),
+])
+def test_cli_prints_one_line_and_exits_2(args: list[str], needle: str, tmp_path: Path) -> None:
+    # -O strips asserts: validation must not depend on them.
+    res = run([sys.executable, "-O", "-m", "dtrain", *args, f"output_dir={tmp_path}/out"], timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_may_come_before_and_after_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """sbatch scripts put output_dir=... first and pass `--config FILE key=value` after it."""
+    from dtrain.cli import parse_args
+    from dtrain.config import load_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  epochs: 7\n")
+    args = parse_args("dtrain", ["output_dir=runs/x", "--config", str(cfg_file), "optim.lr=0.2"])
+    assert args.config == [str(cfg_file)] and args.overrides == ["output_dir=runs/x", "optim.lr=0.2"]
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.output_dir, cfg.train.epochs, cfg.optim.lr) == ("runs/x", 7, 0.2)

@@ -7,7 +7,6 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ import torch.distributed as dist
 import yaml
 
 from dtrain.config import load_config
-from dtrain.errors import DTrainError
 from dtrain.run import train
-from helpers import REPO, dtrain, records, run, srun_like, worker
+from helpers import REPO, dtrain, one_line_error, records, run, srun_like, worker
 
 
 @pytest.mark.multiproc
@@ -95,27 +93,6 @@ def test_runs_with_stderr_closed(tmp_path: Path) -> None:
     assert [r["step"] for r in records(out, "train")] == [1, 2]
 
 
-def test_second_run_into_same_dir_keeps_the_first(tmp_path: Path) -> None:
-    """A finished run is reported and left as it is; an earlier run without checkpoints is refused."""
-    cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", f"output_dir={tmp_path}/run"])
-    first = train(cfg, environ={})
-    before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    again = train(cfg, environ={})
-    assert again.eval == first.eval and again.loop.step == 2
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
-    assert not dist.is_initialized()
-
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "metrics.jsonl").write_text(before)  # a run whose checkpoints are gone
-    (other / ".dtrain-run").write_text("")  # dtrain's own
-    cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", f"output_dir={other}"])
-    with pytest.raises(DTrainError, match="overwrite=true"):
-        train(cfg, environ={})
-    assert (other / "metrics.jsonl").read_text() == before
-    assert not dist.is_initialized()
-
-
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_srun_style_launch_trains_like_torchrun(tmp_path: Path) -> None:
@@ -149,27 +126,6 @@ def test_rank0_setup_failure_stops_every_rank_without_waiting_for_the_timeout(tm
     assert [r.returncode for r in results] == [2, 2]
     assert results[0].stderr.strip().startswith("dtrain: error: W&B could not start a run")
     assert results[1].stderr.strip().startswith("dtrain: error (rank 1): W&B could not start a run")
-
-
-def test_overwrite_replaces_the_whole_earlier_run(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    args = ["data.name=synthetic", "train.max_steps=2", "log.tensorboard=true", f"output_dir={out}"]
-    train(load_config(None, args), environ={})
-    (out / "curves.png").write_bytes(b"stale")
-    train(load_config(None, [*args, "overwrite=true", "train.max_steps=3"]), environ={})
-    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert not (out / "curves.png").exists()
-    assert records(out, "train")[-1]["step"] == 3 and len(records(out, "eval")) == 1
-
-
-@pytest.mark.multiproc
-def test_unusable_output_dir_is_a_one_line_error(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    res = run([sys.executable, "-m", "dtrain", "data.name=synthetic", f"output_dir={blocker}/sub"], timeout=60)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "output_dir" in lines[0] and "writable directory" in lines[0]
 
 
 @pytest.mark.multiproc
@@ -257,105 +213,6 @@ def test_a_rank_that_fails_during_set_up_stops_the_others_at_once(tmp_path: Path
     print(f"set-up failure on rank {failing_rank}: every rank out after {elapsed:.1f} s")
 
 
-# ---------------------------------------------------------------- overwrite validates first; only dtrain's dirs
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
-
-
-def _earlier_run(out: Path) -> dict[str, bytes]:
-    train(load_config(None, ["data.name=synthetic", "train.max_steps=2", "checkpoint.every_steps=1",
-                             f"output_dir={out}"]), environ={})
-    files = _tree(out)
-    assert {"config.yaml", "model.pt", "metrics.jsonl", "checkpoints/finished.json"} <= files.keys()
-    return files
-
-
-def _one_line_exit_2(args: list[str], env: Optional[dict[str, str]] = None) -> str:
-    res = run([sys.executable, "-m", "dtrain", *args], timeout=90, env=env)
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("dtrain: error: "), res.stderr
-    return lines[0]
-
-
-@pytest.mark.multiproc
-@pytest.mark.parametrize("bad, says", [
-    (["model.name=tests.workers.no_such_module:build"], "cannot import 'tests.workers.no_such_module'"),
-    (["data.name=mnist", "data.root=/nonexistent/data"], "MNIST"),
-    (["model.name=tests.workers.failing_model:build_or_raise"], "deliberate failure in the factory"),
-], ids=["model-typo", "missing-dataset", "failing-factory"])
-def test_overwrite_of_a_run_that_cannot_start_deletes_nothing(tmp_path: Path, bad: list[str], says: str) -> None:
-    out = tmp_path / "run"
-    before = _earlier_run(out)
-    line = _one_line_exit_2(["data.name=synthetic", f"output_dir={out}", "overwrite=true", *bad],
-                            env={"DTRAIN_TEST_FAIL_RANK": "0"})
-    assert says in line
-    assert _tree(out) == before
-
-
-def _read_only(path: Path) -> None:
-    """Read-only even for root: the immutable attribute (root ignores permission bits)."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-        pytest.skip("cannot make a directory read-only for root here (chattr +i)")
-
-
-def _writable_again(path: Path) -> None:
-    import os
-    import subprocess
-
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
-    path.chmod(0o755)
-
-
-@pytest.mark.multiproc
-def test_overwrite_with_a_read_only_folder_in_the_old_run_deletes_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    before = _earlier_run(out)
-    locked = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())[-1]  # deleted last
-    _read_only(locked)
-    try:
-        line = _one_line_exit_2(["data.name=synthetic", f"output_dir={out}", "overwrite=true"])
-        assert "config key 'output_dir'" in line and f"{locked} is not" in line
-        assert _tree(out) == before
-    finally:
-        _writable_again(locked)
-
-
-@pytest.mark.multiproc
-@pytest.mark.parametrize("overwrite", ["false", "true"])
-def test_a_directory_dtrain_did_not_write_is_never_replaced(tmp_path: Path, overwrite: str) -> None:
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "config.yaml").write_text("my: own config\n")
-    (out / "model.pt").write_bytes(b"my own weights")
-    before = _tree(out)
-    line = _one_line_exit_2(["data.name=synthetic", "train.max_steps=1", f"output_dir={out}",
-                             f"overwrite={overwrite}"])
-    assert "config key 'output_dir'" in line and "'config.yaml', which dtrain did not write" in line
-    assert _tree(out) == before
-
-
-@pytest.mark.multiproc
-def test_a_run_into_an_empty_or_new_directory_marks_it_and_a_failed_one_leaves_none(tmp_path: Path) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    train(load_config(None, ["data.name=synthetic", "train.max_steps=1", f"output_dir={empty}"]), environ={})
-    assert (empty / ".dtrain-run").exists() and (empty / "model.pt").exists()
-    # a run whose set-up fails creates nothing, so the corrected rerun is not refused
-    new = tmp_path / "new"
-    _one_line_exit_2(["data.name=synthetic", "model.name=tests.workers.no_such_module:build", f"output_dir={new}"])
-    assert not new.exists()
-    train(load_config(None, ["data.name=synthetic", "train.max_steps=1", f"output_dir={new}"]), environ={})
-    assert (new / "model.pt").exists()
-
-
 # ---------------------------------------------------------------- factories that return something unusable
 
 @pytest.mark.multiproc
@@ -377,6 +234,6 @@ def test_a_run_into_an_empty_or_new_directory_marks_it_and_a_failed_one_leaves_n
 ], ids=["classes", "regression-shape", "no-parameters", "tuple", "batch-mean-loss"])
 def test_an_unusable_factory_is_one_line_before_training(tmp_path: Path, args: list[str], says: str) -> None:
     out = tmp_path / "run"
-    line = _one_line_exit_2(["data.name=synthetic", "data.num_workers=0", f"output_dir={out}", *args])
+    line = one_line_error(["data.name=synthetic", "data.num_workers=0", f"output_dir={out}", *args])
     assert says in line
     assert not out.exists()  # found in set-up: nothing written, nothing trained

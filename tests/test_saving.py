@@ -149,3 +149,16 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(tmp_path: Path) ->
         api.train(model=nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), train_data=data, eval_data=data,
                   overrides=args)
     assert "does not fit this run's model or optimizer" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_that_changes_the_math_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dtrain.__main__ import main
+
+    args = ["data.name=synthetic", "train.epochs=2", "log.progress=none", "checkpoint.every_steps=5",
+            f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    os.remove(tmp_path / "checkpoints" / "finished.json")  # as if it had been stopped at its last checkpoint
+    assert main([*args, "optim.lr=0.2", "data.num_workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "the config differs from the checkpoint's in what changes the math: optim.lr (0.05 -> 0.2)" in err
+    assert "num_workers" not in err and len(err.strip().splitlines()) == 1

@@ -212,3 +212,16 @@ def test_two_nodes_one_torchrun_each_requeued_resume_to_the_uninterrupted_weight
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
     assert info["NodeList"] == "dtrain-n[1-2]" and "resuming from" in log, (info, log)
     assert_same_as_reference(run, reference)
+
+
+@pytest.mark.multiproc
+def test_slurm_scripts_are_valid_bash_and_set_up_for_clusters() -> None:
+    for script in sorted((Path(__file__).resolve().parent.parent / "slurm").glob("*.sbatch")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        text = script.read_text()
+        for needle in ("#SBATCH --signal=USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                       "--cpus-per-task=", "# source ", 'output_dir="runs/slurm-${SLURM_JOB_ID}" "$@"'):
+            assert needle in text, (script.name, needle)
+    torchrun_script = (Path(__file__).resolve().parent.parent / "slurm" / "train_torchrun.sbatch").read_text()
+    assert "29500" not in torchrun_script and 'trap "" USR1 USR2' in torchrun_script
+    assert "NPROC_PER_NODE" in torchrun_script

@@ -81,17 +81,6 @@ def _describe(tp: Any) -> str:
     raise TypeError(f"config fields of type {tp!r} are not supported")
 
 
-def leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> type for every leaf of a dataclass tree (lists and mappings are leaves)."""
-    leaves: dict[str, Any] = {}
-    for name, tp in _hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            leaves.update(leaf_types(tp, f"{prefix}{name}."))
-        else:
-            leaves[f"{prefix}{name}"] = tp
-    return leaves
-
-
 def _plain(value: Any) -> Any:
     """Nested plain dicts and lists (a file's mappings carry their lines)."""
     if isinstance(value, dict):

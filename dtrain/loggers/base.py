@@ -3,12 +3,12 @@ No backend is imported here (the factory in `dtrain.loggers` opens them)."""
 
 from __future__ import annotations
 
-import signal
 from typing import Any, Optional, Protocol
 
 from dtrain.errors import DTrainError
 from dtrain.loop.record import Record  # noqa: F401  (loggers write what the loop records)
-from dtrain.runtime.termination import TerminationGuard
+from dtrain.runtime.signals import TerminationGuard
+
 
 class Logger(Protocol):
     def log(self, record: Record) -> None: ...
@@ -90,13 +90,8 @@ class MultiLogger:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        guard = self._guard
-        if guard is not None:
-            guard.closing()
-        try:
+        if self._guard is None:
             self.close(failed=exc_type is not None)
-        finally:
-            if guard is not None:
-                guard.uninstall()
-        if guard is not None and guard.deferred and exc_type is None:
-            raise SystemExit(128 + signal.SIGTERM)
+            return
+        with self._guard.closing(exc_type):  # a SIGTERM's exit (143) comes after the close
+            self.close(failed=exc_type is not None)

@@ -47,17 +47,17 @@ def _optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def describe(tp: Any) -> str:
+def allowed_text(tp: Any) -> str:
     """What a field of type `tp` accepts, in words."""
     inner, optional = _optional(tp)
-    words = _describe(inner)
+    words = _allowed_plain(inner)
     return f"{words}, or null (unset)" if optional else words
 
 
 _PLURAL = {bool: "true | false values", int: "integers", float: "finite numbers", str: "strings"}
 
 
-def _describe(tp: Any) -> str:
+def _allowed_plain(tp: Any) -> str:
     if tp is bool:
         return "true | false"
     if tp is int:
@@ -97,11 +97,11 @@ def convert(key: str, value: Any, tp: Any, where: str = "", path: str = "") -> A
     if value is None:
         if optional:
             return None
-        raise refuse(key, value, describe(tp) + " (null and an empty value mean unset, which this key "
+        raise refuse(key, value, allowed_text(tp) + " (null and an empty value mean unset, which this key "
                      "does not allow)", where)
     ok, result = _convert(key, value, inner, where, path)
     if not ok:
-        raise refuse(key, value, describe(tp), where)
+        raise refuse(key, value, allowed_text(tp), where)
     return result
 
 
@@ -138,7 +138,7 @@ def _convert(key: str, value: Any, tp: Any, where: str, path: str) -> tuple[bool
         merge(obj, value, f"{key}.", {}, path)
         for f in dataclasses.fields(tp):
             if getattr(obj, f.name) == MISSING:
-                raise refuse(f"{key}.{f.name}", None, f"{describe(_hints(tp)[f.name])} (required)", where)
+                raise refuse(f"{key}.{f.name}", None, f"{allowed_text(_hints(tp)[f.name])} (required)", where)
         return True, obj
     origin = typing.get_origin(tp)
     if origin is list:
@@ -153,7 +153,8 @@ def _convert(key: str, value: Any, tp: Any, where: str, path: str) -> tuple[bool
             try:
                 items.append(convert(key, v, item))
             except ConfigError as exc:
-                raise refuse(key, value, f"{describe(tp)} (item {i}: {exc.allowed.split(' (')[0]})", where) from None
+                raise refuse(key, value, f"{allowed_text(tp)} (item {i}: {exc.allowed.split(' (')[0]})",
+                             where) from None
         return True, items
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -190,7 +191,7 @@ def merge(obj: Any, mapping: dict, prefix: str, origins: dict[str, str], path: s
             if value is None:
                 continue  # `train:` with every key below it commented out: no values
             if not isinstance(value, dict):
-                raise refuse(key, value, describe(tp), where)
+                raise refuse(key, value, allowed_text(tp), where)
             merge(getattr(obj, name), value, f"{key}.", origins, path)
             continue
         inner, _ = _optional(tp)
@@ -243,9 +244,9 @@ def set_override(obj: Any, key: str, text: str, origins: dict[str, str]) -> None
             setattr(node, name, mapping)
             origins[here] = ""
             return
-        raise refuse(key, text, f"no key below '{here}', which is {describe(tp)}; give it whole, e.g. "
+        raise refuse(key, text, f"no key below '{here}', which is {allowed_text(tp)}; give it whole, e.g. "
                      f"{here}=[...]" if typing.get_origin(inner) is list else
-                     f"no key below '{here}', which is {describe(tp)}")
+                     f"no key below '{here}', which is {allowed_text(tp)}")
 
 
 def _value(key: str, text: str, tp: Any) -> Any:
@@ -261,7 +262,7 @@ def _value(key: str, text: str, tp: Any) -> Any:
     try:
         return yamlfile.parse(text)
     except yamlfile.YamlProblem as exc:
-        raise refuse(key, text, f"{describe(tp)} (the value is not valid YAML: {exc.problem})") from None
+        raise refuse(key, text, f"{allowed_text(tp)} (the value is not valid YAML: {exc.problem})") from None
 
 
 def check(obj: Any, prefix: str = "") -> None:

@@ -48,33 +48,33 @@ EPOCHS, REPEATS = 2, 7
 def main() -> None:
     cfg = load_config(None, ["data.name=synthetic", "data.train_size=20000", "data.batch_size=128",
                              "data.num_features=256", "model.hidden=[512,512]", "log.every_steps=50"])
-    with distributed(detect_launch(os.environ), "auto", "auto") as ds:
+    with distributed(detect_launch(os.environ), "auto", "auto") as dist_state:
         torch.manual_seed(0)
         data = build_datasets(cfg.data, 0)
-        loaders = build_loaders(data, cfg.data, 0, ds, cfg.train.grad_accum_steps)
+        loaders = build_loaders(data, cfg.data, 0, dist_state, cfg.train.grad_accum_steps)
 
         def hand_written() -> float:
-            model = DDP(build_model(cfg.model, data.input_shape, data.num_classes).to(ds.device))
+            model = DDP(build_model(cfg.model, data.input_shape, data.num_classes).to(dist_state.device))
             opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
             t = time.perf_counter()
             for epoch in range(EPOCHS):
                 loaders.train.sampler.set_epoch(epoch)
                 for x, y in loaders.train.batches:
-                    x, y = x.to(ds.device), y.to(ds.device)
+                    x, y = x.to(dist_state.device), y.to(dist_state.device)
                     loss = F.cross_entropy(model(x), y)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-            if ds.device.type == "cuda":
+            if dist_state.device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t
 
         def dtrain_loop(signals: object = None, on_nonfinite: str = "ignore") -> float:
             model = build_model(cfg.model, data.input_shape, data.num_classes)
             per_epoch = loaders.train.steps_per_epoch
-            loop, _ = build_loop(cfg, ds, model, EPOCHS * per_epoch)
+            loop, _ = build_loop(cfg, dist_state, model, EPOCHS * per_epoch)
             plan = FitPlan(EPOCHS, None, cfg.log.every_steps)
-            guard = NonFiniteGuard(on_nonfinite, 10, ds.device)
+            guard = NonFiniteGuard(on_nonfinite, 10, dist_state.device)
             t = time.perf_counter()
             # fit evaluates each epoch; subtract nothing, since eval is part of what a user runs,
             # but keep the eval set small so the comparison is about the train loop.
@@ -82,7 +82,7 @@ def main() -> None:
             duties = build_duties(loop, null_logger(), Progress("none", EPOCHS * per_epoch, False), guard=guard,
                                   signals=signals)  # type: ignore[arg-type]
             fit(loop, build_task("cross_entropy", [], "input", "target"), loaders.train, loaders.eval, plan, duties)
-            if ds.device.type == "cuda":
+            if dist_state.device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t
 
@@ -95,10 +95,11 @@ def main() -> None:
             stop.append(dtrain_loop(on_nonfinite="stop"))
             skip.append(dtrain_loop(on_nonfinite="skip"))
         samples = EPOCHS * len(data.train)
-        if ds.is_main:
+        if dist_state.is_main:
             # The median of alternating runs: a load spike hits one run, not one side.
             h, o = statistics.median(hand), statistics.median(ours)
-            print(f"world_size={ds.world_size} device={ds.device} samples/epoch={len(data.train)} epochs={EPOCHS}")
+            print(f"world_size={dist_state.world_size} device={dist_state.device} samples/epoch={len(data.train)} "
+                  f"epochs={EPOCHS}")
             print(f"hand-written DDP loop: {samples / h:10.0f} samples/s (median of {REPEATS})")
             print(f"dtrain fit:            {samples / o:10.0f} samples/s (median of {REPEATS}, incl. eval + logging)")
             c = statistics.median(checked)

@@ -145,7 +145,8 @@ def range_test(loop: TrainState, task: Task, batches: Iterator[Window], cfg: LRF
         for group, base in zip(loop.optimizer.param_groups, initial):
             group["lr"] = base * lr / base_lr
         train_step(loop, task, next(batches), meter)
-        loss_sum, count = meter.take(0, loop.dist)  # all-reduced: the global sample-weighted mean
+        totals = meter.take_window(loop.dist)  # all-reduced: the global sample-weighted mean
+        loss_sum, count = totals.loss_sum, totals.samples
         loss = loss_sum / count
         smoothed = smoother.update(loss)
         curve.lrs.append(lr)

@@ -22,6 +22,7 @@ from dtrain.data.loaders import Loaders, build_loaders
 from dtrain.data.types import Datasets, fill_in_shapes
 from dtrain.runtime.devices import resolve_backend, resolve_device
 from dtrain.runtime.dist import DistState, distributed
+from dtrain.callbacks.stack import build_duties
 from dtrain.loop.engine import FitPlan, fit
 from dtrain.runtime.env import detect_launch
 from dtrain.errors import DTrainError
@@ -134,6 +135,8 @@ class Given:
     """A built-in loss name or a callable of (outputs, targets) -> per-sample losses."""
     metrics: list[tuple[Optional[str], Any]] = field(default_factory=list)
     """(name or None, metric) pairs added to loss.metrics."""
+    callbacks: list[Any] = field(default_factory=list)
+    """dtrain.Callback objects, called after dtrain's own."""
 
 
 def _model(cfg: Config, given: Given, data: Datasets) -> torch.nn.Module:
@@ -250,8 +253,7 @@ def session(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable
 
 
 def plan_for(cfg: Config) -> FitPlan:
-    return FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps, cfg.checkpoint.every_steps,
-                   cfg.checkpoint.every_minutes)
+    return FitPlan(cfg.train.epochs, cfg.train.max_steps, cfg.log.every_steps)
 
 
 @dataclass
@@ -323,7 +325,10 @@ def _train(cfg: Config, environ: Optional[Mapping[str, str]], given: Optional[Gi
                 saver = Checkpointer(cfg, out, ds, run.loaders.train, signals, logger.run_id, progress.print)
                 guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, ds.device,
                                        check_grads=loop.precision.scaler is None)
-                outcome = fit(loop, run.task, run.loaders, plan_for(cfg), logger, progress, saver, run.meter, guard)
+                duties = build_duties(loop, logger, progress, run.meter, guard, saver, signals,
+                                      cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes,
+                                      given.callbacks if given is not None else ())
+                outcome = fit(loop, run.task, run.loaders.train, run.loaders.eval, plan_for(cfg), duties)
                 if outcome.stopped_by is None:
                     with phase(f"the final checkpoint at step {loop.step}"):
                         saver.save(loop, run.meter)  # the end: the final state, so that a rerun knows it is done

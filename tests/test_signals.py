@@ -109,6 +109,7 @@ def _run(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.multiproc
 def test_a_stop_signal_is_said_once_and_only_flagged() -> None:
     res = _run("""
         with signals.StopSignals(["SIGTERM", "SIGUSR1"], grace_s=60) as stop:
@@ -122,6 +123,7 @@ def test_a_stop_signal_is_said_once_and_only_flagged() -> None:
     assert res.stderr == "dtrain: received SIGUSR1; saving a checkpoint at the next step boundary, then stopping\n"
 
 
+@pytest.mark.multiproc
 def test_the_same_signal_again_later_exits_now_with_its_code() -> None:
     res = _run("""
         signals.REPEAT_MEANS_NOW_S = 0.3
@@ -138,6 +140,7 @@ def test_the_same_signal_again_later_exits_now_with_its_code() -> None:
     assert res.stderr.count("received SIGTERM") == 1
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_no_boundary_within_grace_interrupts_a_sleeping_main_thread(name: str) -> None:
     """SIGINT as a stop signal too: the interruption then comes by another signal, which still raises."""
@@ -154,6 +157,7 @@ def test_no_boundary_within_grace_interrupts_a_sleeping_main_thread(name: str) -
            "checkpoint" in res.stderr
 
 
+@pytest.mark.multiproc
 def test_sigterm_while_loggers_are_open_exits_143_after_their_close() -> None:
     res = _run("""
         guard = signals.TerminationGuard()
@@ -172,6 +176,7 @@ def test_sigterm_while_loggers_are_open_exits_143_after_their_close() -> None:
     assert res.stderr == "dtrain: received SIGTERM; closing the loggers before exiting\n"
 
 
+@pytest.mark.multiproc
 def test_sigterm_during_the_loggers_close_waits_for_it() -> None:
     res = _run("""
         guard = signals.TerminationGuard()

@@ -39,7 +39,7 @@ from dtrain.models.builtin import build_model
 from dtrain.loop.nonfinite import NonFiniteGuard
 from dtrain.runtime.signals import StopSignals
 from dtrain.loggers.progress import Progress
-from dtrain.run import build_loop
+from dtrain.setup import build_train_state
 from dtrain.loop.task import build_task
 
 EPOCHS, REPEATS = 2, 7
@@ -72,7 +72,7 @@ def main() -> None:
         def dtrain_loop(signals: object = None, on_nonfinite: str = "ignore") -> float:
             model = build_model(cfg.model, data.input_shape, data.num_classes)
             per_epoch = loaders.train.steps_per_epoch
-            loop, _ = build_loop(cfg, dist_state, model, EPOCHS * per_epoch)
+            loop, _ = build_train_state(cfg, dist_state, model, EPOCHS * per_epoch)
             plan = FitPlan(EPOCHS, None, cfg.log.every_steps)
             guard = NonFiniteGuard(on_nonfinite, 10, dist_state.device)
             t = time.perf_counter()

@@ -57,7 +57,7 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
     metrics: extra eval metrics, {name: function of (outputs, targets) -> one value per sample}.
     callbacks: `dtrain.Callback` objects, called on every rank after dtrain's own (see dtrain/loop/hooks.py).
     """
-    from dtrain.run import Given
+    from dtrain.setup import Given
     from dtrain.run import train as run_train
 
     if isinstance(overrides, str):
@@ -77,7 +77,7 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
     elif metrics is not None:
         given.metrics = [(None, fn) for fn in metrics]
     result = run_train(cfg, given=given)
-    return Result(result.eval, result.loop.module, cfg, result.loop.dist.is_main, result.output_dir)
+    return Result(result.eval, result.state.module, cfg, result.state.dist.is_main, result.output_dir)
 
 
 def _config(config: Union[str, "os.PathLike[str]", Config, None], overrides: Sequence[str]) -> Config:

@@ -5,7 +5,7 @@ lr_find.num_steps optimizer steps of the configured optimizer, model, data,
 batch and accumulation; the loss of every step is recorded, smoothed, and the
 test stops once the smoothed loss diverges. It starts from exactly the weights
 a training run with the same config starts from (same seed, same construction
-order as `dtrain.run.train`), and runs alone or under any launcher: each
+order as `dtrain.run.train`, through `dtrain.setup.set_up`), and runs alone or under any launcher: each
 step's loss is the sample-weighted mean over all ranks.
 
 It writes only into `<output_dir>/lr_find/` (rank 0): lr_find.csv,
@@ -39,7 +39,8 @@ from dtrain.loop.step import train_step
 from dtrain.loop.task import Task
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.checkpoint.rundir import new_run_dir
-from dtrain.run import session
+from dtrain.run import runtime_summary
+from dtrain.setup import Given, set_up
 
 PROG = "dtrain.lr_find"
 SUBDIR = "lr_find"
@@ -124,7 +125,7 @@ def windows(source: TrainSource) -> Iterator[Window]:
         epoch += 1
 
 
-def range_test(loop: TrainState, task: Task, batches: Iterator[Window], cfg: LRFindConfig,
+def range_test(state: TrainState, task: Task, batches: Iterator[Window], cfg: LRFindConfig,
                base_lr: float) -> Curve:
     """Run up to cfg.num_steps optimizer steps at exponentially growing lr.
 
@@ -132,20 +133,20 @@ def range_test(loop: TrainState, task: Task, batches: Iterator[Window], cfg: LRF
     optim.param_groups stay as configured. Every rank sees the same all-reduced
     loss and so takes the same decision to stop: no rank is left waiting.
     """
-    initial = [g.get("initial_lr", g["lr"]) for g in loop.optimizer.param_groups]
-    meter = Meter(loop.dist.device)
+    initial = [g.get("initial_lr", g["lr"]) for g in state.optimizer.param_groups]
+    meter = Meter(state.dist.device)
     smoother = Smoother(cfg.smoothing)
     curve = Curve()
     best = math.inf
-    loop.model.train()
+    state.model.train()
     for i in range(cfg.num_steps):
         lr = lr_at(cfg, i)
         # Set right before the step: train_step's scheduler.step() afterwards
         # resets the lr to its constant base, and we overwrite it again here.
-        for group, base in zip(loop.optimizer.param_groups, initial):
+        for group, base in zip(state.optimizer.param_groups, initial):
             group["lr"] = base * lr / base_lr
-        train_step(loop, task, next(batches), meter)
-        totals = meter.take_window(loop.dist)  # all-reduced: the global sample-weighted mean
+        train_step(state, task, next(batches), meter)
+        totals = meter.take_window(state.dist)  # all-reduced: the global sample-weighted mean
         loss_sum, count = totals.loss_sum, totals.samples
         loss = loss_sum / count
         smoothed = smoother.update(loss)
@@ -259,16 +260,16 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
     run_cfg = dataclasses.replace(cfg, sched=SchedConfig(name="constant", warmup_steps=0))
     f = cfg.lr_find
     # The same set-up as `dtrain.run.train`, so the weights and batches are those a training run starts with.
-    with session(run_cfg, environ, lambda: prepare(output_dir(cfg), cfg.overwrite), total_steps=f.num_steps) as run:
-        ds = run.ds
-        if ds.is_main:
+    with set_up(run_cfg, environ, lambda: prepare(output_dir(cfg), cfg.overwrite), total_steps=f.num_steps) as setup:
+        dist_state, runtime = setup.dist_state, runtime_summary(setup, Given())
+        if dist_state.is_main:
             print(f"{PROG}: lr {f.start_lr:g} -> {f.end_lr:g} over {f.num_steps} steps, optim.name="
-                  f"{cfg.optim.name}, global batch {run.runtime['global_batch']}, world size {ds.world_size}",
+                  f"{cfg.optim.name}, global batch {runtime['global_batch']}, world size {dist_state.world_size}",
                   flush=True)
-        batches = windows(run.loaders.train)
-        curve = range_test(run.loop, run.task, batches, f, cfg.optim.lr)
+        batches = windows(setup.loaders.train)
+        curve = range_test(setup.state, setup.task, batches, f, cfg.optim.lr)
         # Rank 0's errors (e.g. a failing write) reach every rank instead of leaving them waiting.
-        return ds.run_on_main(lambda: report(cfg, curve, run.runtime))
+        return dist_state.run_on_main(lambda: report(cfg, curve, runtime))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,7 +22,7 @@ from dtrain.loggers import null_logger
 from dtrain.loggers.progress import Progress
 from dtrain.loop.engine import FitPlan, fit
 from dtrain.loop.hooks import Callback, RunView
-from dtrain.run import build_loop
+from dtrain.setup import build_train_state
 from dtrain.runtime.dist import DistState
 from dtrain.runtime.faults import WHERE_ATTR
 from helpers import worker
@@ -100,7 +100,7 @@ def _fit(callbacks: list[Callback], checkpointer: Optional[FakeCheckpointer] = N
     data = Datasets(TensorDataset(x[:N], y[:N]), TensorDataset(x[N:], y[N:]), (3,), 2)
     loaders = build_loaders(data, cfg.data, 0, dist_state, 1)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    state, _ = build_loop(cfg, dist_state, model, EPOCHS * PER_EPOCH)
+    state, _ = build_train_state(cfg, dist_state, model, EPOCHS * PER_EPOCH)
     from dtrain.loop.task import build_task
 
     duties = build_duties(state, null_logger(), Progress("none", EPOCHS * PER_EPOCH, False),

@@ -19,7 +19,7 @@ from dtrain.runtime.dist import distributed
 from dtrain.runtime.env import LaunchInfo
 from dtrain.loop.meters import Meter
 from dtrain.models.builtin import build_model
-from dtrain.run import build_loop
+from dtrain.setup import build_train_state
 from dtrain.loop.step import train_step
 from dtrain.loop.task import build_task
 from helpers import dtrain, records
@@ -51,7 +51,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
     with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
         data = build_datasets(cfg.data, 0)
         loaders = build_loaders(data, cfg.data, 0, ds, 1)
-        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
+        loop, _ = build_train_state(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
         scaler = loop.precision.scaler
         assert scaler is not None
         batch = next(iter(loaders.train.batches))
@@ -80,7 +80,7 @@ def _syncs_in_five_steps(overrides: list[str], guard_mode: Optional[str] = None)
     with distributed(LaunchInfo("single", 0, 0, 1, "127.0.0.1", None), "nccl", "cuda") as ds:
         data = build_datasets(cfg.data, 0)
         loaders = build_loaders(data, cfg.data, 0, ds, cfg.train.grad_accum_steps)
-        loop, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
+        loop, _ = build_train_state(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), 100)
         windows = list(loaders.train.windows(0))
         meter = Meter(ds.device)
         guard = NonFiniteGuard(guard_mode, 10, ds.device) if guard_mode else None

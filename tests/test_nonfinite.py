@@ -109,7 +109,7 @@ def test_without_a_nan_every_mode_trains_like_the_reference(tmp_path: Path) -> N
     """The reference loop is right (and the guard changes nothing) when nothing goes wrong."""
     for mode in ("stop", "skip"):
         result = train(load_config(None, _args(tmp_path / mode, mode, "log.every_steps=3", nproc=1)), environ={})
-        _assert_close({k: v for k, v in result.loop.module.state_dict().items()}, _reference(STEPS))
+        _assert_close({k: v for k, v in result.state.module.state_dict().items()}, _reference(STEPS))
 
 
 def test_skip_of_the_first_adam_step_leaves_no_optimizer_state(tmp_path: Path,
@@ -118,8 +118,8 @@ def test_skip_of_the_first_adam_step_leaves_no_optimizer_state(tmp_path: Path,
     monkeypatch.setenv(nan_model.NAN_AT_ENV, "1")
     result = train(load_config(None, _args(tmp_path / "run", "skip", "optim.name=adam",
                                            "log.every_steps=2", nproc=1)), environ={})
-    _assert_close(dict(result.loop.module.state_dict()), _reference(STEPS, skip=1, optimizer="adam"))
-    steps = {int(s["step"]) for s in result.loop.optimizer.state_dict()["state"].values()}
+    _assert_close(dict(result.state.module.state_dict()), _reference(STEPS, skip=1, optimizer="adam"))
+    steps = {int(s["step"]) for s in result.state.optimizer.state_dict()["state"].values()}
     assert steps == {STEPS - 1}
 
 

@@ -29,7 +29,8 @@ from dtrain.runtime.env import LaunchInfo
 from dtrain.errors import ConfigError
 from dtrain.models.builtin import build_model, mlp
 from dtrain.loop.optim import build_optimizer, lr_multiplier, param_groups
-from dtrain.run import build_loop, train
+from dtrain.run import train
+from dtrain.setup import build_train_state
 from dtrain.loop.task import build_task
 from helpers import dtrain, records
 
@@ -260,7 +261,7 @@ def test_group_with_lr_zero_is_frozen(tmp_path: Path) -> None:
     # A training run's initial weights: the seed, then the model (data building draws no randoms).
     torch.manual_seed(cfg.train.seed)
     initial = {n: p.detach().clone() for n, p in build_model(cfg.model, (64,), 10).named_parameters()}
-    final = dict(train(cfg, environ={}).loop.module.named_parameters())
+    final = dict(train(cfg, environ={}).state.module.named_parameters())
     assert set(final) == set(initial)
     for name, p in final.items():
         if name.startswith("1."):
@@ -335,7 +336,7 @@ def _batches(cfg: Config, ds: DistState, n: int) -> list[Window]:
 def _fresh_loop(cfg: Config, ds: DistState, seed: int, total: int) -> TrainState:
     torch.manual_seed(seed)
     model = build_model(cfg.model, (cfg.data.num_features,), cfg.data.num_classes)
-    return build_loop(cfg, ds, model, total)[0]
+    return build_train_state(cfg, ds, model, total)[0]
 
 
 def test_loop_state_round_trips(tmp_path: Path) -> None:

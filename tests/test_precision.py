@@ -84,7 +84,7 @@ def _scaled_state(scale: float):  # -> (TrainState, list[Window]); a fp32 model 
     from dtrain.runtime.dist import distributed
     from dtrain.runtime.env import LaunchInfo
     from dtrain.loop.precision import Precision
-    from dtrain.run import build_loop
+    from dtrain.setup import build_train_state
 
     cfg = load_config(None, ["data.name=synthetic", "data.train_size=256", "train.grad_accum_steps=2",
                              "train.grad_clip=1.0", "optim.momentum=0.0"])
@@ -93,7 +93,7 @@ def _scaled_state(scale: float):  # -> (TrainState, list[Window]); a fp32 model 
     data = build_datasets(cfg.data, 0)
     loaders = build_loaders(data, cfg.data, 0, ds, cfg.train.grad_accum_steps)
     torch.manual_seed(0)
-    state, _ = build_loop(cfg, ds, mlp(data.input_shape, data.num_classes), 100)
+    state, _ = build_train_state(cfg, ds, mlp(data.input_shape, data.num_classes), 100)
     state.precision = Precision("fp32", ds.device, torch.amp.GradScaler("cpu", init_scale=scale))
     return ctx, state, list(loaders.train.windows(0))
 

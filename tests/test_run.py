@@ -54,7 +54,7 @@ def test_process_group_is_destroyed_on_error(tmp_path: Path) -> None:
 def test_process_group_is_destroyed_after_success(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.name=synthetic", "train.max_steps=3", f"output_dir={tmp_path}/run"])
     result = train(cfg, environ={})
-    assert result.loop.step == 3 and not dist.is_initialized()
+    assert result.state.step == 3 and not dist.is_initialized()
 
 
 @pytest.mark.multiproc

@@ -38,7 +38,7 @@ def test_second_run_into_same_dir_keeps_the_first(tmp_path: Path) -> None:
     first = train(cfg, environ={})
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     again = train(cfg, environ={})
-    assert again.eval == first.eval and again.loop.step == 2
+    assert again.eval == first.eval and again.state.step == 2
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     assert not dist.is_initialized()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -130,10 +130,11 @@ class DistState:
 
 
 @contextmanager
-def distributed(launch: LaunchInfo, backend: str = "auto", device: str = "auto",
+def distributed(launch: LaunchInfo, backend: str = "auto", device: Union[str, torch.device] = "auto",
                 timeout_s: int = 600, start_timeout_s: int = 300) -> Iterator[DistState]:
-    """Start the process group for `launch`, yield its DistState, always destroy it."""
-    dev = resolve_device(device, launch.local_rank)
+    """Start the process group for `launch`, yield its DistState, always destroy it. `device`: a config
+    value (auto | cpu | cuda), or a device already resolved for this rank."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device, launch.local_rank)
     be = resolve_backend(backend, dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -21,7 +21,7 @@ from dtrain.runtime.env import detect_launch
 from dtrain.loggers import null_logger
 from dtrain.models.builtin import build_model
 from dtrain.loggers.progress import Progress
-from dtrain.run import build_loop
+from dtrain.setup import build_train_state
 from dtrain.loop.task import build_task
 
 
@@ -49,7 +49,7 @@ def main() -> None:
         loaders = build_loaders(data, cfg.data, 0, ds, k)
         model = build_model(cfg.model, data.input_shape, data.num_classes)
         per_epoch = loaders.train.steps_per_epoch
-        loop, _ = build_loop(cfg, ds, model, per_epoch)
+        loop, _ = build_train_state(cfg, ds, model, per_epoch)
 
         counter = Counter()
         loop.model.register_comm_hook(counter, counting_hook)
@@ -60,7 +60,7 @@ def main() -> None:
 
         # Control: the same micro-steps without no_sync must reduce on every backward.
         control = Counter()
-        loop2, _ = build_loop(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), per_epoch)
+        loop2, _ = build_train_state(cfg, ds, build_model(cfg.model, data.input_shape, data.num_classes), per_epoch)
         loop2.model.register_comm_hook(control, counting_hook)
         micro = 0
         for x, y in loaders.train.batches:

@@ -165,8 +165,8 @@ def test_a_rank_that_cannot_reach_rank_0_says_where_it_looked(tmp_path: Path) ->
     res = _by_hand(1, port, tmp_path / "run", ["dist.start_timeout_s=2"])
     assert res.returncode == 2
     (line,) = res.stderr.strip().splitlines()  # no C++ retry logs
-    assert line.startswith(f"dtrain: error (rank 1): could not reach rank 0 at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} "
-                           "within dist.start_timeout_s=2 s"), line
+    assert line.startswith("dtrain: error (rank 1): could not reach rank 0 at MASTER_ADDR:MASTER_PORT "
+                           f"127.0.0.1:{port} within dist.start_timeout_s=2 s"), line
 
 
 def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
@@ -383,8 +383,8 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
               "save": (OSError, "disk gone"), "final save": (OSError, "disk gone")}.get(
                   when, (RuntimeError, "connection closed by peer"))
     with pytest.raises(raised[0], match=raised[1]) as info:
-        dtrain.train(model=Model(4, 2), train_data=TensorDataset(x[:36], y[:36]), eval_data=TensorDataset(x[36:], y[36:]),
-                     loss="cross_entropy", metrics={"acc": metric},
+        dtrain.train(model=Model(4, 2), train_data=TensorDataset(x[:36], y[:36]),
+                     eval_data=TensorDataset(x[36:], y[36:]), loss="cross_entropy", metrics={"acc": metric},
                      overrides=["train.epochs=3", "data.batch_size=12", "checkpoint.every_steps=3",
                                 "log.every_steps=2", "log.progress=none", f"output_dir={tmp_path}"])
     assert getattr(info.value, "dtrain_where") == where

@@ -178,3 +178,38 @@ def test_a_request_made_on_one_rank_is_acted_on_by_every_rank_at_the_same_step(t
     committed = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert committed[-1] == f"step-{last:09d}"
     assert f"stopped by a signal or a callback on another rank at step {last}" in result.stdout
+
+
+class Counting(Callback):
+    """Counts the steps it saw; stops the first attempt after step 3."""
+
+    def __init__(self, stop_at: Optional[int] = None) -> None:
+        self.seen, self.stop_at, self.loaded = 0, stop_at, None
+
+    def on_step_end(self, run: RunView) -> None:
+        self.seen += 1
+        if run.step == self.stop_at:
+            run.request_stop("the first attempt", all_ranks=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = dict(state)
+        self.seen = state["seen"]
+
+
+def test_a_callbacks_state_is_kept_in_the_checkpoint_and_given_back_on_resume(tmp_path: Path) -> None:
+    import dtrain
+
+    x, y = torch.randn(N, 3, generator=torch.Generator().manual_seed(1)), torch.arange(N) % 2
+    args = dict(model=lambda: nn.Linear(3, 2), train_data=TensorDataset(x, y), loss="cross_entropy",
+                overrides=[f"output_dir={tmp_path}", f"data.batch_size={B}", f"train.epochs={EPOCHS}",
+                           "log.progress=none"])
+    first = Counting(stop_at=3)
+    dtrain.train(**args, callbacks=[first])  # type: ignore[arg-type]
+    assert first.seen == 3
+    again = Counting()
+    dtrain.train(**args, callbacks=[again])  # type: ignore[arg-type]
+    assert again.loaded == {"seen": 3}
+    assert again.seen == EPOCHS * PER_EPOCH  # every step counted once over the two attempts

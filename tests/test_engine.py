@@ -91,7 +91,7 @@ class FakeCheckpointer:
 
 
 def _fit(callbacks: list[Callback], checkpointer: Optional[FakeCheckpointer] = None,
-         every_steps: Optional[int] = None) -> tuple[Any, Any]:
+         every_steps: Optional[int] = None, max_steps: Optional[int] = None) -> tuple[Any, Any]:
     cfg = load_config(None, [f"data.batch_size={B}", f"data.eval_batch_size={B}", f"train.epochs={EPOCHS}",
                              f"log.every_steps={LOG_EVERY}", "model.hidden=[8]"])
     dist_state = DistState("test", 0, 0, 1, "gloo", torch.device("cpu"))
@@ -106,7 +106,8 @@ def _fit(callbacks: list[Callback], checkpointer: Optional[FakeCheckpointer] = N
     duties = build_duties(state, null_logger(), Progress("none", EPOCHS * PER_EPOCH, False),
                           checkpointer=checkpointer, every_steps=every_steps, callbacks=callbacks)
     result = fit(state, build_task("cross_entropy", [], "input", "target"), loaders.train, loaders.eval,
-                 FitPlan(EPOCHS, None, LOG_EVERY), duties)
+                 FitPlan(EPOCHS, max_steps, LOG_EVERY), duties)
+    state.source = loaders.train  # for the tests' eyes only
     return result, state
 
 
@@ -129,6 +130,14 @@ def test_hooks_come_in_the_loops_order_at_the_steps_arithmetic_says() -> None:
     evals = [v for split, _, v in rec.records if split == "eval"]
     assert [v["samples"] for v in evals] == [6, 6] and result.eval == evals[-1]
     assert rec.models == [state.module]  # the user's model, unwrapped
+
+
+def test_max_steps_mid_epoch_ends_that_epoch_with_its_records() -> None:
+    rec = Recorder()
+    result, state = _fit([rec], max_steps=3)
+    assert state.step == 3 and state.epoch == 1  # the cut epoch counts as ended, as its records say
+    assert state.source.state_dict() == {"window_in_epoch": 0}  # so a resume starts the next one at its start
+    assert [s for n, s in rec.calls if n in ("epoch_end", "eval_end", "log")] == [2, 3, 3, 3]
 
 
 def test_requests_eval_save_and_stop_act_at_the_next_boundary() -> None:

@@ -83,7 +83,14 @@ class SamplerSource:
         self.sampler.start = self.position * self.k * self.batch_size
         sample = self.sampler.start  # this rank's place in the epoch, counted from the batches fetched
         index = self.position
-        it = iter(self.batches)
+        try:
+            yield from self._windows(iter(self.batches), sample, index)
+        finally:
+            # Run out, or closed early (max_steps ends the epoch there): the next epoch starts at its beginning.
+            self.position = 0
+            self.sampler.start = 0
+
+    def _windows(self, it: Iterator[Any], sample: int, index: int) -> Iterator[Window]:
         exhausted = False
         while not exhausted:
             t = time.perf_counter()
@@ -106,8 +113,6 @@ class SamplerSource:
             self.position = index + 1
             yield Window(batches, real, self.shard.global_real_between(first, sample), fetch_s, index)
             index += 1
-        self.position = 0
-        self.sampler.start = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"window_in_epoch": self.position}

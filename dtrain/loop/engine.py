@@ -10,8 +10,9 @@ collective at each logging step does.
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Generator, Optional, Protocol
 
 from dtrain.loop.checks import Checks
 from dtrain.loop.evaluate import evaluate
@@ -31,7 +32,7 @@ class TrainSource(Protocol):
 
     steps_per_epoch: int
 
-    def windows(self, epoch: int) -> Iterator[Any]: ...
+    def windows(self, epoch: int) -> Generator[Any, None, None]: ...
 
 
 @dataclass
@@ -94,18 +95,20 @@ def _fit(state: TrainState, task: Task, train: TrainSource, eval_data: Any, plan
     state.model.train()
     hooks.fit_start(run)
     while not plan.done(state.epoch, state.step):
-        for window in train.windows(state.epoch):
-            run.grad_norm = train_step(state, task, window, d.meter, d.guard)
-            d.clock.stepped(window.fetch_s)
-            hooks.step_end(run)
-            if state.step % plan.log_every == 0:
-                _log(run, hooks)
-            if plan.at_max(state.step):
-                break
-            # The epoch's last step reaches its boundary after the epoch-end records, below,
-            # so that a checkpoint never sits between a step and the records of that step.
-            if window.index + 1 < train.steps_per_epoch and _boundary(state, task, eval_data, d):
-                return FitResult(run.eval, run.stopping)
+        # Closed when left: an epoch that max_steps cuts short counts as ended, as its records say.
+        with closing(train.windows(state.epoch)) as windows:
+            for window in windows:
+                run.grad_norm = train_step(state, task, window, d.meter, d.guard)
+                d.clock.stepped(window.fetch_s)
+                hooks.step_end(run)
+                if state.step % plan.log_every == 0:
+                    _log(run, hooks)
+                if plan.at_max(state.step):
+                    break
+                # The epoch's last step reaches its boundary after the epoch-end records, below,
+                # so that a checkpoint never sits between a step and the records of that step.
+                if window.index + 1 < train.steps_per_epoch and _boundary(state, task, eval_data, d):
+                    return FitResult(run.eval, run.stopping)
         if plan.done(state.epoch + 1, state.step) and d.clock.steps > 0:
             _log(run, hooks)  # the partial logging window at the very end
         with d.clock.paused():

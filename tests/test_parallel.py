@@ -216,3 +216,18 @@ def test_nothing_outside_parallel_reaches_into_a_wrapper() -> None:
             continue
         found += [f"{path.relative_to(PACKAGE.parent)}:{n}" for n in reaches_into_a_wrapper(path.read_text())]
     assert not found, f"ask the strategy (dtrain/parallel/) instead: {found}"
+
+
+def test_every_strategy_the_config_accepts_has_its_implementation() -> None:
+    from dtrain.config import choices
+    from dtrain.parallel import STRATEGIES
+
+    assert set(choices.STRATEGIES) <= set(STRATEGIES)
+
+
+def test_an_unknown_strategy_is_refused_with_its_key_and_the_choices() -> None:
+    from dtrain.config import load_config
+    from dtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'dist\.strategy'.*'fsdp3'.*ddp"):
+        load_config(None, ["dist.strategy=fsdp3"])

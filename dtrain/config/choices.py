@@ -18,6 +18,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip", "ignore")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "nccl", "gloo")
+STRATEGIES = ("ddp",)
+"""How 2 or more processes share the model (dtrain/parallel/: one module each, registered by this name)."""
 GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")
 CATCHABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGXCPU")

@@ -170,6 +170,9 @@ class DistConfig:
 
     backend: str = "auto"
     """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
+    strategy: str = "ddp"
+    """How 2 or more processes share the model: ddp (every rank holds the whole model, its gradients and
+    optimizer state; the gradients are averaged over the ranks). One process is never wrapped."""
     timeout_s: int = 600
     """Step timeout: how long a collective waits for the other ranks once training runs. A rank
     that stalls or hangs longer fails the job, and the message names the ranks that were behind.

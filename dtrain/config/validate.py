@@ -11,7 +11,7 @@ from typing import Sequence
 
 from dtrain.config.choices import (BACKENDS, CATCHABLE_SIGNALS, DATASETS, DEVICES, GRAD_COMPRESSIONS, LOSSES,
                                    METRICS, MODEL_INITS, MODELS, ON_NONFINITE, OPTIMIZERS, PRECISIONS, PROGRESS,
-                                   SCHEDULES)
+                                   SCHEDULES, STRATEGIES)
 from dtrain.config.schema import Config, OptimConfig
 from dtrain.errors import ConfigError
 
@@ -101,6 +101,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, "an integer >= 1")
 
     _choice("dist.backend", cfg.dist.backend, BACKENDS)
+    _choice("dist.strategy", cfg.dist.strategy, STRATEGIES)
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "an integer >= 1")
     _check(cfg.dist.start_timeout_s >= 1, "dist.start_timeout_s", cfg.dist.start_timeout_s, "an integer >= 1")
     _check(cfg.dist.bucket_cap_mb is None or (cfg.dist.bucket_cap_mb > 0 and math.isfinite(cfg.dist.bucket_cap_mb)),

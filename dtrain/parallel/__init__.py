@@ -11,19 +11,18 @@ from dtrain.parallel.ddp import DDPStrategy
 from dtrain.parallel.single import Alone
 from dtrain.runtime.dist import DistState
 
-# The strategies for more than one process, by name: a new one is its own module and an entry here.
+# The strategies for more than one process, by their dist.strategy name (dtrain/config/choices.py): a new one is
+# its own module, an entry here and its name in the config's choices.
 STRATEGIES: dict[str, Callable[[DistConfig, DistState], Strategy]] = {
     "ddp": lambda cfg, ds: DDPStrategy(cfg, ds.device, ds.world_size, ds.backend),
 }
-MANY = "ddp"
-"""The strategy of every run of 2 or more processes, until the config offers a choice (dist.strategy)."""
 
 
 def build_strategy(dist_cfg: DistConfig, dist_state: DistState) -> Strategy:
-    """One process is never wrapped (`Alone`); more use the strategy named in the config."""
+    """One process is never wrapped (`Alone`); more use the strategy dist.strategy names."""
     if dist_state.world_size == 1:
         return Alone()
-    return STRATEGIES[MANY](dist_cfg, dist_state)
+    return STRATEGIES[dist_cfg.strategy](dist_cfg, dist_state)
 
 
 __all__ = ["Strategy", "STRATEGIES", "build_strategy"]

@@ -53,16 +53,17 @@ def restore(state: TrainState, payload: dict[str, Any], cfg: Config, source: Tra
             path: str, states: Optional[Mapping[str, Stateful]] = None) -> None:
     """Put a checkpoint back on this rank, after checking that it belongs to this config; `states` are the
     registered objects to give their saved state (`load_states` does it for objects built later)."""
-    ds = state.dist
+    dist_state = state.dist
     conflicts = resume_conflicts(payload["config"], to_dict(cfg))
     if conflicts:
         raise DTrainError(f"cannot resume from {path}: the config differs from the checkpoint's in what changes "
                           f"the math: {'; '.join(conflicts)}; use resume=never with a new output_dir, or "
                           "overwrite=true, to start over")
-    saved_batch, batch = int(payload["global_batch"]), global_batch(cfg, ds.world_size)
+    saved_batch, batch = int(payload["global_batch"]), global_batch(cfg, dist_state.world_size)
     if saved_batch != batch:
         raise DTrainError(f"cannot resume from {path}: its global batch is {saved_batch}, this run's is {batch} "
-                          f"({cfg.data.batch_size} x {cfg.train.grad_accum_steps} x {ds.world_size} processes); "
+                          f"({cfg.data.batch_size} x {cfg.train.grad_accum_steps} x {dist_state.world_size} "
+                          "processes); "
                           "change data.batch_size or train.grad_accum_steps so that they match")
     try:
         state.load_state_dict(payload["train"])
@@ -70,18 +71,18 @@ def restore(state: TrainState, payload: dict[str, Any], cfg: Config, source: Tra
         first = " ".join(str(exc).split())[:300]
         raise DTrainError(f"cannot resume from {path}: it does not fit this run's model or optimizer "
                           f"({type(exc).__name__}: {first})") from None
-    meter.load_global_state(payload["meters"], ds.is_main)
+    meter.load_global_state(payload["meters"], dist_state.is_main)
     # Checkpoints from before the source kept its own place hold it in the train state.
     source.load_state_dict(payload["data"] if "data" in payload
                            else {"window_in_epoch": payload["train"].get("window_in_epoch", 0)})
     load_states(payload, states or {}, path)
     rngs = payload["rng"]
-    if int(payload["world_size"]) == ds.world_size:
-        set_rng_state(rngs[str(ds.rank)], source.workers_rng)
+    if int(payload["world_size"]) == dist_state.world_size:
+        set_rng_state(rngs[str(dist_state.rank)], source.workers_rng)
     else:
         # Other ranks than were saved: fresh per-rank streams, still a function of
         # (seed, rank, world size) and of the step, so a rerun repeats them.
-        seed = rank_seed(cfg.train.seed + state.step, ds.rank, ds.world_size)
+        seed = rank_seed(cfg.train.seed + state.step, dist_state.rank, dist_state.world_size)
         seed_everything(seed)
         source.workers_rng.manual_seed(seed)
 
@@ -92,10 +93,10 @@ class Checkpointer:
     `states`: registered objects whose state is saved too (see the module's docstring); `register` adds one.
     """
 
-    def __init__(self, cfg: Config, output_dir: str, ds: DistState, source: TrainSource, signals: StopSignals,
+    def __init__(self, cfg: Config, output_dir: str, dist_state: DistState, source: TrainSource, signals: StopSignals,
                  run_id: Callable[[], Optional[str]], say: Callable[[str], None],
                  states: Optional[Mapping[str, Stateful]] = None) -> None:
-        self.cfg, self.output_dir, self.ds, self.source = cfg, output_dir, ds, source
+        self.cfg, self.output_dir, self.dist_state, self.source = cfg, output_dir, dist_state, source
         self.signals, self.run_id, self.say = signals, run_id, say
         self.states: dict[str, Stateful] = dict(states or {})
 
@@ -110,7 +111,7 @@ class Checkpointer:
 
     def _save(self, state: TrainState, meter: Meter) -> None:
         started = time.perf_counter()
-        meters = meter.global_state(self.ds)  # collective: every rank is here
+        meters = meter.global_state(self.dist_state)  # collective: every rank is here
         # Every rank asks for each state, though rank 0's alone is written: a sharding strategy gathers the
         # model there, and a registered object may gather its own.
         train = state.state_dict()
@@ -118,20 +119,20 @@ class Checkpointer:
         states = {name: obj.state_dict() for name, obj in self.states.items()}
         mine = rng_state(self.source.workers_rng)
         rngs: list[Any] = [mine]
-        if self.ds.world_size > 1:
-            rngs = [None] * self.ds.world_size
+        if self.dist_state.world_size > 1:
+            rngs = [None] * self.dist_state.world_size
             dist.all_gather_object(rngs, mine)
 
         def write() -> str:
             payload = {"format": 1, "train": train, "data": data, "meters": meters,
-                       "rng": {str(r): s for r, s in enumerate(rngs)}, "world_size": self.ds.world_size,
-                       "global_batch": global_batch(self.cfg, self.ds.world_size), "config": to_dict(self.cfg),
+                       "rng": {str(r): s for r, s in enumerate(rngs)}, "world_size": self.dist_state.world_size,
+                       "global_batch": global_batch(self.cfg, self.dist_state.world_size), "config": to_dict(self.cfg),
                        "wandb_id": self.run_id(), "states": states}
             return checkpoint.save(self.output_dir, state.step, state.epoch, payload, self.cfg.checkpoint.keep)
 
         # Rank 0 writes; a failure there (a full disk) reaches every rank as one error.
-        path = self.ds.run_on_main(write, share_result=False)
-        if self.ds.is_main:
+        path = self.dist_state.run_on_main(write, share_result=False)
+        if self.dist_state.is_main:
             size = os.path.getsize(os.path.join(path, checkpoint.STATE))
             self.say(f"dtrain: checkpoint of step {state.step} saved in {time.perf_counter() - started:.2f} s "
                      f"({size / 2**20:.1f} MiB): {path}")

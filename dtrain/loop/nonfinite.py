@@ -100,7 +100,7 @@ class NonFiniteGuard:
         self._fold()
         return torch.isfinite(self._first).to(torch.float64).reshape(1)
 
-    def settle(self, bad_total: float, ds: DistState, step: int) -> tuple[int, Optional[NonFiniteError]]:
+    def settle(self, bad_total: float, dist_state: DistState, step: int) -> tuple[int, Optional[NonFiniteError]]:
         """At a check, with the all-rank sum of pending(): (steps skipped since the last check, the error
         that stops the run or None). Every rank calls it at the same point with the same `bad_total`."""
         skipped = int(self._skipped.item()) if self.skips else 0
@@ -109,7 +109,7 @@ class NonFiniteGuard:
             return skipped, None
         # Rare (something already went wrong): one more collective for the earliest step and longest run.
         both = torch.stack([-self._first, self._longest])
-        if ds.world_size > 1:
+        if dist_state.world_size > 1:
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
         first, longest = int(-both[0].item()), int(both[1].item())
         self._first.fill_(math.inf)

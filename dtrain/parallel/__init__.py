@@ -14,7 +14,7 @@ from dtrain.runtime.dist import DistState
 # The strategies for more than one process, by their dist.strategy name (dtrain/config/choices.py): a new one is
 # its own module, an entry here and its name in the config's choices.
 STRATEGIES: dict[str, Callable[[DistConfig, DistState], Strategy]] = {
-    "ddp": lambda cfg, ds: DDPStrategy(cfg, ds.device, ds.world_size, ds.backend),
+    "ddp": lambda cfg, dist_state: DDPStrategy(cfg, dist_state.device, dist_state.world_size, dist_state.backend),
 }
 
 

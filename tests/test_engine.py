@@ -132,6 +132,18 @@ def test_hooks_come_in_the_loops_order_at_the_steps_arithmetic_says() -> None:
     assert rec.models == [state.module]  # the user's model, unwrapped
 
 
+def test_the_logged_lr_is_the_one_the_step_used_even_when_a_callback_set_it() -> None:
+    class Ramp(Callback):
+        def on_step_end(self, run: RunView) -> None:
+            for group in run.state.optimizer.param_groups:
+                group["lr"] = 0.5 * run.step  # the next step's, set after the schedule stepped
+
+    rec = Recorder()
+    _fit([Ramp(), rec])
+    logged = {s: v["lr"] for split, s, v in rec.records if split == "train"}
+    assert logged == {s: 0.5 * (s - 1) for s in range(LOG_EVERY, EPOCHS * PER_EPOCH + 1, LOG_EVERY)}
+
+
 def test_max_steps_mid_epoch_ends_that_epoch_with_its_records() -> None:
     rec = Recorder()
     result, state = _fit([rec], max_steps=3)

@@ -26,17 +26,10 @@ class TrainLog(Callback):
         self.logger, self.progress, self.meter, self.clock, self.checks = logger, progress, meter, clock, checks
         self.show_skipped = show_skipped
         """Whether records carry skipped_steps (fp16's scaler, or train.on_nonfinite=skip)."""
-        self._lr = 0.0  # the lr the step just taken used
-        self._next_lr = 0.0
         self._startup_s: Optional[float] = None  # launch to the end of the first step; in the next train record
         self._started = False
 
-    def on_fit_start(self, run: RunView) -> None:
-        self._next_lr = run.state.optimizer.param_groups[0]["lr"]
-
     def on_step_end(self, run: RunView) -> None:
-        # The schedule has stepped already: what the param group holds now is the next step's lr.
-        self._lr, self._next_lr = self._next_lr, run.state.optimizer.param_groups[0]["lr"]
         if not self._started:
             self._started, self._startup_s = True, time.time() - process_start()
         self.progress.step(run.epoch + 1)
@@ -49,7 +42,7 @@ class TrainLog(Callback):
         error = self.checks.settle(totals.alarms)
         compile_s = state.compile_watch.take()  # torch.compile's time is not step time
         elapsed = max(time.perf_counter() - self.clock.start - compile_s, 1e-12)
-        values: dict[str, float] = {"loss": totals.loss, "samples": totals.samples, "lr": self._lr}
+        values: dict[str, float] = {"loss": totals.loss, "samples": totals.samples, "lr": run.lr}
         if norm is not None:
             values["grad_norm"] = totals.extra[0]
         values["samples_per_s"] = totals.samples / elapsed

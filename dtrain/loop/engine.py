@@ -21,7 +21,7 @@ from dtrain.loop.meters import Meter, Timer
 from dtrain.loop.nonfinite import NonFiniteGuard
 from dtrain.loop.record import Record
 from dtrain.loop.state import TrainState
-from dtrain.loop.steering import Steering
+from dtrain.loop.steering import NOTHING, Steering
 from dtrain.loop.step import train_step
 from dtrain.loop.task import Task
 from dtrain.runtime.faults import label, phase
@@ -98,6 +98,7 @@ def _fit(state: TrainState, task: Task, train: TrainSource, eval_data: Any, plan
         # Closed when left: an epoch that max_steps cuts short counts as ended, as its records say.
         with closing(train.windows(state.epoch)) as windows:
             for window in windows:
+                run.lr = state.optimizer.param_groups[0]["lr"]  # what this step uses, whoever set it
                 run.grad_norm = train_step(state, task, window, d.meter, d.guard)
                 d.clock.stepped(window.fetch_s)
                 hooks.step_end(run)
@@ -141,9 +142,11 @@ def _boundary(state: TrainState, task: Task, eval_data: Any, d: Duties) -> bool:
     """Between two steps, every rank alike: evaluate, save and stop as the callbacks asked. True: stop here."""
     d.hooks.boundary(d.run)
     decision = d.steering.decide(state.step)
+    if decision is NOTHING:
+        return False
     d.run.stopping = decision.stop
     with d.clock.paused():
-        if decision.eval and eval_data is not None:
+        if decision.eval and eval_data is not None and d.run.eval_step != state.step:
             _evaluate(state, task, eval_data, d, f"the eval at step {state.step}")
         if decision.save:
             with phase(f"the checkpoint at step {state.step}"):

@@ -74,6 +74,8 @@ class Requests:
     """What callbacks asked for since the last boundary. `*_now` were asked on every rank at the same step
     (made from global values, or from the step count) and need no agreement."""
 
+    pending: bool = False
+    """Whether anything was asked since the last decision (the loop's fast path when nothing was)."""
     stop: Optional[str] = None
     """Why this rank asked to stop."""
     save: bool = False
@@ -82,9 +84,6 @@ class Requests:
     save_now: bool = False
     eval_now: bool = False
 
-    def clear(self) -> None:
-        self.stop, self.save, self.eval = None, False, False
-        self.stop_now, self.save_now, self.eval_now = None, False, False
 
 
 class RunView:
@@ -95,10 +94,14 @@ class RunView:
         """The whole training state (dtrain's own callbacks use it; a user's should need only the rest)."""
         self.record: Optional[Record] = None
         """The values just logged or evaluated (global over the ranks), else None."""
+        self.lr = 0.0
+        """The learning rate (of the first param group) the last step used."""
         self.grad_norm: Optional[torch.Tensor] = None
         """The last step's pre-clip gradient norm (a device tensor), with train.grad_clip set."""
         self.eval: Optional[dict[str, float]] = None
         """The last evaluation's results, or None."""
+        self.eval_step: Optional[int] = None
+        """The step of the last evaluation (an eval asked for at an epoch's last step is the epoch's own)."""
         self.stopping: Optional[str] = None
         """At the boundary where the run stops: why; else None."""
         self._requests = requests
@@ -133,6 +136,7 @@ class RunView:
         """End the run at the next step boundary, after a checkpoint (where the run takes them), so that the
         same command resumes it. `all_ranks`: every
         rank asks at this same step (e.g. decided from a record), so no agreement round is needed."""
+        self._requests.pending = True
         if all_ranks:
             self._requests.stop_now = self._requests.stop_now or reason
         else:
@@ -140,6 +144,7 @@ class RunView:
 
     def request_save(self, all_ranks: bool = False) -> None:
         """A checkpoint at the next step boundary."""
+        self._requests.pending = True
         if all_ranks:
             self._requests.save_now = True
         else:
@@ -147,6 +152,7 @@ class RunView:
 
     def request_eval(self, all_ranks: bool = False) -> None:
         """An evaluation at the next step boundary."""
+        self._requests.pending = True
         if all_ranks:
             self._requests.eval_now = True
         else:
@@ -158,6 +164,11 @@ class Hooks:
     """The callbacks in order, called as one."""
 
     callbacks: Sequence[Callback] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Per step, only the callbacks that do something then are called.
+        self._step_end = [cb.on_step_end for cb in self.callbacks if _overrides(cb, "on_step_end")]
+        self._boundary = [cb.on_boundary for cb in self.callbacks if _overrides(cb, "on_boundary")]
 
     @property
     def requests_alone(self) -> bool:
@@ -174,8 +185,8 @@ class Hooks:
     def step_end(self, run: RunView) -> None:
         run.record = None
         try:  # free unless something raises: no cost in the hot loop
-            for cb in self.callbacks:
-                cb.on_step_end(run)
+            for hook in self._step_end:
+                hook(run)
         except Exception as exc:
             label(exc, f"a callback's on_step_end after step {run.step}")
             raise
@@ -189,14 +200,14 @@ class Hooks:
             cb.on_epoch_end(run)
 
     def eval_end(self, run: RunView, record: Record) -> None:
-        run.record, run.eval = record, dict(record.values)
+        run.record, run.eval, run.eval_step = record, dict(record.values), record.step
         for cb in self.callbacks:
             cb.on_eval_end(run)
 
     def boundary(self, run: RunView) -> None:
         try:
-            for cb in self.callbacks:
-                cb.on_boundary(run)
+            for hook in self._boundary:
+                hook(run)
         except Exception as exc:
             label(exc, f"a callback's on_boundary after step {run.step}")
             raise
@@ -210,5 +221,13 @@ class Hooks:
             cb.on_fit_end(run)
 
     def exception(self, run: RunView, exc: BaseException) -> None:
+        """Every callback hears of it; one that fails here must not hide the error itself."""
         for cb in self.callbacks:
-            cb.on_exception(run, exc)
+            try:
+                cb.on_exception(run, exc)
+            except Exception as inner:  # noqa: BLE001 - the run's own error is the one to report
+                exc.add_note(f"(and {type(cb).__name__}.on_exception raised {type(inner).__name__}: {inner})")
+
+
+def _overrides(cb: Callback, hook: str) -> bool:
+    return getattr(type(cb), hook) is not getattr(Callback, hook)

@@ -25,6 +25,9 @@ class Decision:
     eval: bool = False
 
 
+NOTHING = Decision()
+"""At most boundaries: nothing asked, no round due."""
+
 ELSEWHERE = "a signal on another rank"
 """Why a rank stops when the stop was asked for on another rank only, when only signals ask alone."""
 
@@ -43,22 +46,24 @@ class Steering:
 
     def decide(self, step: int) -> Decision:
         r = self.requests
+        if not r.pending and (not self.agree or step < self.agreement.next_round):
+            return NOTHING  # the common case, kept to a couple of attribute reads
         flags = [r.stop is not None, r.save, r.eval]
         if self.agree:
             due = step >= self.agreement.next_round
             agreed = self.agreement.poll(step, flags)
             if due:  # sent in this round: each request goes out once
                 self._sent = r.stop or self._sent
-                r.stop, r.save, r.eval = None, False, False
+                r.stop, r.save, r.eval, r.pending = None, False, False, False
             stop = r.stop_now or ((self._sent or self.elsewhere) if agreed[0] else None)
         else:
             agreed = flags
             stop = r.stop_now or r.stop
-            r.stop, r.save, r.eval = None, False, False
+            r.stop, r.save, r.eval, r.pending = None, False, False, False
         # A run that stops saves first (where it has a checkpointer): the same command resumes it.
         decision = Decision(stop, stop is not None or r.save_now or agreed[1], r.eval_now or agreed[2])
         r.stop_now, r.save_now, r.eval_now = None, False, False
-        return decision
+        return decision if decision != NOTHING else NOTHING
 
     def settle(self) -> None:
         """Collect the round in flight, so no collective is left behind when the loop ends."""

@@ -20,6 +20,7 @@ shell that forwards it.
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import signal
@@ -117,11 +118,14 @@ class _FlagScope:
     def _interrupt(self) -> None:
         """Make the main thread raise KeyboardInterrupt: a real signal, so that it also wakes a sleep or
         a blocking read there, which _thread.interrupt_main() would not. SIGINT, whose handler is then
-        Python's own (not one of these); where SIGINT is one of ours or ignored, the spare."""
+        Python's own (not one of these); where SIGINT is one of ours or ignored, the spare; where neither
+        can be had (no real-time signals, or the spare taken), interrupt_main, which still raises at the
+        main thread's next line of Python."""
         for signum in (signal.SIGINT, _SPARE):
             if signum is not None and signal.getsignal(signum) is signal.default_int_handler:
                 signal.pthread_kill(threading.main_thread().ident, signum)  # type: ignore[arg-type]
                 return
+        _thread.interrupt_main()
 
     def _uninstall(self) -> None:
         if self._monitor is not None:
@@ -306,6 +310,8 @@ class TerminationGuard(_FlagScope):
     def __init__(self) -> None:
         super().__init__(("SIGTERM",))
         self._closing = False
+        self._lock = threading.Lock()
+        """Held by the monitor from its look at `_closing` to its interrupt, so the two cannot cross."""
 
     def install(self) -> None:
         self._install("dtrain-sigterm-guard")
@@ -315,7 +321,17 @@ class TerminationGuard(_FlagScope):
         """Around the loggers' close, the end of the guard: a SIGTERM now waits for the close. After it,
         the exit a SIGTERM asked for (128 + SIGTERM) replaces a normal end, and the KeyboardInterrupt
         the monitor raised to get here (`exc_type`); another exception stays as it is."""
-        self._closing = True
+        with self._lock:
+            self._closing = True
+        if self._exit_code is not None and exc_type is None:
+            # The monitor interrupted the main thread just before the close began: take that
+            # KeyboardInterrupt here, where it changes nothing, not inside a logger's close.
+            try:
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+            except KeyboardInterrupt:
+                pass
         try:
             yield
         finally:
@@ -325,7 +341,9 @@ class TerminationGuard(_FlagScope):
             raise SystemExit(code) from None
 
     def _react(self, delivered: bytes, now: float) -> None:
-        if self.arrived and not self._closing and self._exit_code is None:
+        with self._lock:
+            if not self.arrived or self._closing or self._exit_code is not None:
+                return
             self._exit_code = 128 + signal.SIGTERM
             print("dtrain: received SIGTERM; closing the loggers before exiting", file=sys.stderr, flush=True)
             self._interrupt()

@@ -104,7 +104,7 @@ def _fit(setup: Setup, given: Given, logger: MultiLogger, progress: Progress, si
     for name, cb in states.items():
         saver.register(name, cb)
     if setup.resumed is not None:
-        load_states(setup.resumed.payload, states, setup.resumed.path)
+        load_states({"states": setup.resumed.states}, states, setup.resumed.path)
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, setup.dist_state.device,
                            check_grads=state.precision.scaler is None)
     duties = build_duties(state, logger, progress, setup.meter, guard, saver, signals, cfg.checkpoint.every_steps,

@@ -145,12 +145,11 @@ class Resumed:
 
     path: str
     step: int
-    payload: dict[str, Any]
-    """What it holds (registered states are given back from it once their owners exist)."""
-
-    @property
-    def wandb_id(self) -> Optional[str]:
-        return self.payload.get("wandb_id")
+    wandb_id: Optional[str]
+    """The W&B run it logged to: the resumed run continues it."""
+    states: dict[str, Any]
+    """The registered states it holds, given back once their owners exist (the callbacks); only these are
+    kept, not the whole checkpoint."""
 
 
 @dataclass
@@ -248,4 +247,4 @@ def _resume(start: Optional[Start], cfg: Config, state: TrainState, loaders: Loa
     # Rank 0 reads it (the only rank sure to see rank 0's storage) and shares it.
     payload = state.dist.run_on_main(lambda: store.load(path))
     restore(state, payload, cfg, loaders.train, meter, path)
-    return Resumed(path, state.step, payload)
+    return Resumed(path, state.step, payload.get("wandb_id"), payload.get("states") or {})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Generator, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
@@ -48,8 +48,9 @@ class TrainSource(Protocol):
     workers_rng: torch.Generator
     """Seeds the DataLoader workers; part of this rank's random state in a checkpoint."""
 
-    def windows(self, epoch: int) -> Iterator[Window]:
-        """The epoch's windows from `position` on; `position` counts them, and is 0 again once they run out."""
+    def windows(self, epoch: int) -> Generator[Window, None, None]:
+        """The epoch's windows from `position` on; `position` counts them, and is 0 again once they run out
+        or the generator is closed early (the loop closes it when max_steps ends an epoch part-way)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -75,7 +76,7 @@ class SamplerSource:
         self.steps_per_epoch = math.ceil(math.ceil(sampler.num_samples / batch_size) / k)
         self.position = 0
 
-    def windows(self, epoch: int) -> Iterator[Window]:
+    def windows(self, epoch: int) -> Generator[Window, None, None]:
         """The epoch's windows from `position` on. A window's micro-batches are all fetched before it is
         handed out, so its sample count, and so the loss scale, comes from what was read."""
         self.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Generator, Optional, Protocol
+from typing import Any, Optional
 
+from dtrain.data.source import TrainSource
 from dtrain.loop.checks import Checks
 from dtrain.loop.evaluate import evaluate
 from dtrain.loop.hooks import Hooks, RunView
@@ -25,14 +26,6 @@ from dtrain.loop.steering import NOTHING, Steering
 from dtrain.loop.step import train_step
 from dtrain.loop.task import Task
 from dtrain.runtime.faults import label, phase
-
-
-class TrainSource(Protocol):
-    """What the loop asks of the train data (`dtrain.data.source`)."""
-
-    steps_per_epoch: int
-
-    def windows(self, epoch: int) -> Generator[Any, None, None]: ...
 
 
 @dataclass

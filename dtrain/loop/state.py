@@ -45,7 +45,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.strategy.model_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optim_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.state_dict(),
             "step": self.step,
@@ -55,7 +55,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strategy.load_model_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optim_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("scaler"))
         self.step, self.epoch = int(state["step"]), int(state["epoch"])

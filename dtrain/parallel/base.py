@@ -54,5 +54,13 @@ class Strategy(ABC):
     def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
         self.unwrap(model).load_state_dict(state)
 
+    def optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's full state, as one process would hold it. Every rank calls it (a sharding strategy
+        gathers its shards here, so a checkpoint loads at another world size)."""
+        return optimizer.state_dict()
+
+    def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
     def share_buffers(self, model: nn.Module) -> None:
         """Before eval: give every rank rank 0's buffers. Every rank calls it."""

@@ -1,4 +1,4 @@
-"""One optimizer step: the notes' five steps on DDP, over a window of K micro-batches.
+"""One optimizer step: the notes' five steps over a window of K micro-batches, on every rank alike.
 
   zero_grad -> for each micro-batch: forward, loss, backward -> (clip) -> step
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import io
 import os
 import sys
@@ -61,6 +62,10 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
         module, _, function = body.partition(":")
         # __import__, not importlib.import_module: the latter bypasses -X importtime's log.
         getattr(__import__(module, fromlist=[function]), function)(cfg)
+        # What the run left in reference cycles (an exception's frames still holding the DDP model, say)
+        # goes now, while the interpreter is whole: a process group freed only at interpreter shutdown can
+        # take gloo's threads down with it there and abort a job that succeeded.
+        gc.collect()
     except DTrainError as exc:
         rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
         # A config error is the same on every rank: say it once, not W times.

@@ -63,7 +63,7 @@ class Steering:
         # A run that stops saves first (where it has a checkpointer): the same command resumes it.
         decision = Decision(stop, stop is not None or r.save_now or agreed[1], r.eval_now or agreed[2])
         r.stop_now, r.save_now, r.eval_now = None, False, False
-        return decision if decision != NOTHING else NOTHING
+        return decision if decision.stop is not None or decision.save or decision.eval else NOTHING
 
     def settle(self) -> None:
         """Collect the round in flight, so no collective is left behind when the loop ends."""

@@ -8,7 +8,7 @@ callbacks too (`dtrain/callbacks/`), so a user's callback sees exactly what they
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -175,21 +175,11 @@ class Hooks:
         return any(cb.requests_alone for cb in self.callbacks)
 
     def fit_start(self, run: RunView) -> None:
-        try:
-            for cb in self.callbacks:
-                cb.on_fit_start(run)
-        except Exception as exc:
-            label(exc, f"a callback's on_fit_start at step {run.step}")
-            raise
+        _each([cb.on_fit_start for cb in self.callbacks], run, "on_fit_start at")
 
     def step_end(self, run: RunView) -> None:
         run.record = None
-        try:  # free unless something raises: no cost in the hot loop
-            for hook in self._step_end:
-                hook(run)
-        except Exception as exc:
-            label(exc, f"a callback's on_step_end after step {run.step}")
-            raise
+        _each(self._step_end, run, "on_step_end after")
 
     def log(self, run: RunView) -> None:
         for cb in self.callbacks:
@@ -205,12 +195,7 @@ class Hooks:
             cb.on_eval_end(run)
 
     def boundary(self, run: RunView) -> None:
-        try:
-            for hook in self._boundary:
-                hook(run)
-        except Exception as exc:
-            label(exc, f"a callback's on_boundary after step {run.step}")
-            raise
+        _each(self._boundary, run, "on_boundary after")
 
     def save(self, run: RunView) -> None:
         for cb in self.callbacks:
@@ -227,6 +212,16 @@ class Hooks:
                 cb.on_exception(run, exc)
             except Exception as inner:  # noqa: BLE001 - the run's own error is the one to report
                 exc.add_note(f"(and {type(cb).__name__}.on_exception raised {type(inner).__name__}: {inner})")
+
+
+def _each(hooks: Sequence[Callable[[RunView], None]], run: RunView, what: str) -> None:
+    """Call each hook; a failure is labelled with the hook and the step (the try is free unless it raises)."""
+    try:
+        for hook in hooks:
+            hook(run)
+    except Exception as exc:
+        label(exc, f"a callback's {what} step {run.step}")
+        raise
 
 
 def _overrides(cb: Callback, hook: str) -> bool:

@@ -10,7 +10,7 @@ RESUME_FREE = ("data.root", "data.download", "data.num_workers", "data.eval_batc
                "data.fast_path", "data.device_resident",
                "train.grad_accum_steps", "train.device", "train.save_model", "train.on_nonfinite",
                "train.max_skipped_steps", "dist.", "log.", "lr_find.",
-               "checkpoint.", "output_dir", "overwrite", "resume")
+               "checkpoint.", "eval.", "callbacks", "output_dir", "overwrite", "resume")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -239,6 +239,58 @@ class CheckpointConfig:
     requeue: bool = True
     """Under Slurm, after a signal's checkpoint, rank 0 requeues the job (`scontrol requeue`) when the job
     allows it (sbatch --requeue); the requeued job resumes by itself."""
+    monitor: Optional[str] = None
+    """An eval value (loss, or a metric's name) by which to keep the best checkpoints as well as the newest:
+    after each eval that ranks among the checkpoint.keep_best best so far, every rank saves a checkpoint, and
+    rank 0 writes <output_dir>/model_best.pt (the best one's weights) and checkpoints/best.json (which
+    checkpoint is best) atomically. Unset: only the newest checkpoint.keep are kept."""
+    mode: str = "min"
+    """min | max: whether a smaller or a larger checkpoint.monitor is better."""
+    keep_best: int = 1
+    """With checkpoint.monitor: how many of the best checkpoints stay, besides the checkpoint.keep newest;
+    neither the newest nor a best one is ever deleted."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: Optional[int] = None
+    """Evaluate every this many optimizer steps as well as at each epoch's end (an epoch of tens of thousands
+    of steps is otherwise blind until it ends); unset: at epoch ends only. The trained weights are the same
+    either way: an eval takes no randomness from the run."""
+    max_batches: Optional[int] = None
+    """Evaluate on the eval set's first max_batches x data.eval_batch_size samples only (a quick estimate, the
+    same samples at any number of processes); unset: the whole set, every sample once."""
+
+
+@dataclass
+class EarlyStopConfig:
+    monitor: Optional[str] = None
+    """Stop the run when this eval value (loss, or a metric's name) has not improved for early_stop.patience
+    evaluations; the run then ends as finished (model.pt, finished.json), and a rerun says so. Decided from
+    the global eval, so every rank stops at the same step. Unset: off."""
+    mode: str = "min"
+    """min | max: whether a smaller or a larger early_stop.monitor is better."""
+    patience: int = 3
+    """Evaluations without improvement tolerated before stopping."""
+    min_delta: float = 0.0
+    """How much better than the best so far a value must be to count as an improvement."""
+
+
+@dataclass
+class EmaConfig:
+    decay: Optional[float] = None
+    """Keep an exponential moving average of the weights, ema = decay * ema + (1 - decay) * weights, after each
+    optimizer step that was applied (not one skipped by the fp16 GradScaler or train.on_nonfinite=skip).
+    Evaluated with every eval (records of split eval_ema), kept in checkpoints and written as model_ema.pt.
+    Costs one pass over the weights per step and one copy of them in memory. Unset: off."""
+
+
+@dataclass
+class CallbackConfig:
+    name: str = MISSING
+    """A factory 'package.module:Name' returning a dtrain.Callback (a Callback subclass is a factory)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the factory."""
 
 
 @dataclass
@@ -264,6 +316,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    callbacks: list[CallbackConfig] = field(default_factory=list)
+    """User callbacks, built on every rank and called after dtrain's own, in order, e.g.
+    [{name: mypkg.callbacks:LogGradNorm, kwargs: {every: 10}}]; on the command line in YAML flow syntax:
+    'callbacks=[{name: mypkg.callbacks:LogGradNorm}]'."""
     output_dir: str = ""
     """Where rank 0 writes config.yaml, metrics.jsonl, model.pt, checkpoints/ and logger files. Unset: a new
     runs/<date>-<time> for every run, so two runs never collide; set it (the Slurm scripts use the job id)

@@ -10,7 +10,7 @@ import math
 from typing import Sequence
 
 from dtrain.config.choices import (BACKENDS, CATCHABLE_SIGNALS, DATASETS, DEVICES, GRAD_COMPRESSIONS, LOSSES,
-                                   METRICS, MODEL_INITS, MODELS, ON_NONFINITE, OPTIMIZERS, PRECISIONS, PROGRESS,
+                                   METRICS, MODEL_INITS, MODELS, MONITOR_MODES, ON_NONFINITE, OPTIMIZERS, PRECISIONS, PROGRESS,
                                    SCHEDULES, STRATEGIES)
 from dtrain.config.schema import Config, OptimConfig
 from dtrain.errors import ConfigError
@@ -128,4 +128,22 @@ def validate(cfg: Config) -> None:
            "a number of seconds > 0")
     for i, name in enumerate(c.signals):
         _check(name in CATCHABLE_SIGNALS, f"checkpoint.signals[{i}]", name, " | ".join(CATCHABLE_SIGNALS))
+    _check(c.monitor is None or bool(c.monitor), "checkpoint.monitor", c.monitor, "an eval value's name, or null")
+    _choice("checkpoint.mode", c.mode, MONITOR_MODES)
+    _check(c.keep_best >= 1, "checkpoint.keep_best", c.keep_best, "an integer >= 1")
+
+    ev, es = cfg.eval, cfg.early_stop
+    _check(ev.every_steps is None or ev.every_steps >= 1, "eval.every_steps", ev.every_steps,
+           "an integer >= 1, or null for epoch ends only")
+    _check(ev.max_batches is None or ev.max_batches >= 1, "eval.max_batches", ev.max_batches,
+           "an integer >= 1, or null for the whole eval set")
+    _check(es.monitor is None or bool(es.monitor), "early_stop.monitor", es.monitor, "an eval value's name, or null")
+    _choice("early_stop.mode", es.mode, MONITOR_MODES)
+    _check(es.patience >= 1, "early_stop.patience", es.patience, "an integer >= 1")
+    _check(es.min_delta >= 0 and math.isfinite(es.min_delta), "early_stop.min_delta", es.min_delta, "a number >= 0")
+    decay = cfg.ema.decay
+    _check(decay is None or 0 < decay < 1, "ema.decay", decay, "a number in (0, 1), or null for no EMA")
+    for i, cb in enumerate(cfg.callbacks):
+        _check(cb.name.count(":") == 1 and all(cb.name.split(":")), f"callbacks[{i}].name", cb.name,
+               "a factory 'package.module:Name' returning a dtrain.Callback")
     _check(bool(cfg.resume), "resume", cfg.resume, "auto | never | the path of a checkpoint")

@@ -10,7 +10,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from dtrain.callbacks.stack import build_duties
+from dtrain.callbacks.best import BestCheckpoints
+from dtrain.callbacks.ema import EMA
+from dtrain.callbacks.stack import build_duties, build_extras
 from dtrain.checkpoint.rundir import decide_start
 from dtrain.checkpoint.saving import Checkpointer, load_states
 from dtrain.checkpoint.slurm import requeue_slurm_job
@@ -24,7 +26,6 @@ from dtrain.loop.nonfinite import NonFiniteGuard
 from dtrain.loop.optim import GroupInfo
 from dtrain.loop.state import TrainState
 from dtrain.runtime.console import print_main
-from dtrain.runtime.faults import phase
 from dtrain.runtime.files import write_atomic
 from dtrain.runtime.signals import StopSignals
 from dtrain.setup import Given, Setup, plan_for, set_up
@@ -65,7 +66,8 @@ def _run(setup: Setup, asked: Config, given: Given) -> RunResult:
     say = print_main(dist_state)
     if start.finished is not None:
         # Already done: report it, rewrite nothing (a requeued job that had in fact finished).
-        say(f"dtrain: the run in {out} finished at step {start.finished.get('step')}; nothing to do "
+        why = f" (stopped by {start.finished['stopped_by']})" if start.finished.get("stopped_by") else ""
+        say(f"dtrain: the run in {out} finished at step {start.finished.get('step')}{why}; nothing to do "
             "(overwrite=true starts it over)")
         return RunResult(start.finished.get("eval"), state, out)
     runtime = runtime_summary(setup, given)
@@ -83,24 +85,32 @@ def _run(setup: Setup, asked: Config, given: Given) -> RunResult:
             outcome = _fit(setup, given, logger, progress, signals)
     finally:
         progress.close()
-    if outcome.stopped_by is not None:
+    if outcome.paused:
         say(f"dtrain: stopped by {outcome.stopped_by} at step {state.step} after saving a checkpoint; "
             f"the same command resumes it (outputs in {out})")
         return RunResult(outcome.eval, state, out, outcome.stopped_by,
                          requeue=dist_state.is_main and cfg.checkpoint.requeue)
-    _finish(cfg, state, outcome.eval)
+    _finish(cfg, state, outcome)
+    if outcome.stopped_by is not None:
+        say(f"dtrain: stopped by {outcome.stopped_by} at step {state.step}; the run is finished")
+    result = RunResult(outcome.eval, state, out, outcome.stopped_by)
     if dist_state.is_main and outcome.eval is not None:
         values = " ".join(f"{k} {v:.4f}" for k, v in outcome.eval.items() if k != "samples")
         print(f"dtrain: final eval {values} on {outcome.eval['samples']} samples; outputs in {out}", flush=True)
-    return RunResult(outcome.eval, state, out)
+    return result
 
 
 def _fit(setup: Setup, given: Given, logger: MultiLogger, progress: Progress, signals: StopSignals) -> FitResult:
     cfg, state = setup.cfg, setup.state
     saver = Checkpointer(cfg, cfg.output_dir, setup.dist_state, setup.loaders.train, signals, logger.run_id,
                          progress.print)
-    # A user's callback keeps its state across a resume, under its place and class in the list.
-    states = {f"callback.{i}.{type(cb).__name__}": cb for i, cb in enumerate(given.callbacks)}
+    extras = build_extras(cfg, setup.task, setup.loaders.eval, logger, progress)
+    best = extras.get("best")
+    if isinstance(best, BestCheckpoints):
+        saver.keep_also = best.keep_also
+    # Every callback keeps its state across a resume: dtrain's under their names, a user's under its place
+    # and class in the list.
+    states = {**extras, **{f"callback.{i}.{type(cb).__name__}": cb for i, cb in enumerate(setup.callbacks)}}
     for name, cb in states.items():
         saver.register(name, cb)
     if setup.resumed is not None:
@@ -108,27 +118,28 @@ def _fit(setup: Setup, given: Given, logger: MultiLogger, progress: Progress, si
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, setup.dist_state.device,
                            check_grads=state.precision.scaler is None)
     duties = build_duties(state, logger, progress, setup.meter, guard, saver, signals, cfg.checkpoint.every_steps,
-                          cfg.checkpoint.every_minutes, given.callbacks)
+                          cfg.checkpoint.every_minutes, setup.callbacks, list(extras.values()))
     outcome = fit(state, setup.task, setup.loaders.train, setup.loaders.eval, plan_for(cfg), duties)
-    if outcome.stopped_by is None:
-        with phase(f"the final checkpoint at step {state.step}"):
-            saver.save(state, setup.meter)  # the end: the final state, so that a rerun knows it is done
+    ema = extras.get("ema")
+    outcome.ema_weights = ema.weights() if isinstance(ema, EMA) and not outcome.paused else None
     return outcome
 
 
-def _finish(cfg: Config, state: TrainState, result: Optional[dict[str, float]]) -> None:
-    """model.pt and finished.json, written by rank 0; the weights are gathered on every rank first (a sharding
-    strategy's gather is a collective)."""
+def _finish(cfg: Config, state: TrainState, outcome: FitResult) -> None:
+    """model.pt (and model_ema.pt) and finished.json, written by rank 0; the weights are gathered on every rank
+    first (a sharding strategy's gather is a collective)."""
     weights = state.strategy.model_state(state.model) if cfg.train.save_model else None
+    ema = outcome.ema_weights if cfg.train.save_model else None
     out = cfg.output_dir
 
     def write() -> None:
-        if weights is not None:
-            buf = io.BytesIO()
-            torch.save(weights, buf)
-            write_bytes(os.path.join(out, "model.pt"), buf.getvalue())
+        for name, tensors in (("model.pt", weights), ("model_ema.pt", ema)):
+            if tensors is not None:
+                buf = io.BytesIO()
+                torch.save(tensors, buf)
+                write_bytes(os.path.join(out, name), buf.getvalue())
         try:
-            mark_finished(out, state.step, result)
+            mark_finished(out, state.step, outcome.eval, outcome.stopped_by)
         except OSError as exc:
             raise DTrainError(f"cannot write {os.path.join(out, 'checkpoints', 'finished.json')}: "
                               f"{exc.strerror or exc}") from None

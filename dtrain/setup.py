@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from dtrain.callbacks.from_config import build_callbacks
 from dtrain.checkpoint import store
 from dtrain.checkpoint.rundir import Start, claim
 from dtrain.checkpoint.saving import restore
@@ -25,9 +26,10 @@ from dtrain.data.builtin import build_datasets
 from dtrain.data.download import fetch_datasets
 from dtrain.data.loaders import Loaders, build_loaders
 from dtrain.data.types import Datasets, fill_in_shapes
-from dtrain.errors import DTrainError
+from dtrain.errors import ConfigError, DTrainError
 from dtrain.loop.compiling import CompileWatch, compile_in_place
 from dtrain.loop.engine import FitPlan
+from dtrain.loop.hooks import Callback
 from dtrain.loop.meters import Meter
 from dtrain.loop.optim import GroupInfo, build_optimizer, build_scheduler
 from dtrain.loop.precision import Precision, build_precision
@@ -169,6 +171,8 @@ class Setup:
     total_steps: int
     start: Optional[Start]
     resumed: Optional[Resumed]
+    callbacks: list[Callback] = field(default_factory=list)
+    """The user's callbacks: the config's, then those handed to dtrain.train."""
 
 
 @dataclass
@@ -177,6 +181,20 @@ class _Built:
     data: Datasets
     loaders: Loaders
     parts: Parts
+    callbacks: list[Callback]
+
+
+def check_monitors(cfg: Config, task: Task, has_eval: bool) -> None:
+    """early_stop.monitor and checkpoint.monitor name an eval value this run computes, and it has an eval set."""
+    for key in ("early_stop.monitor", "checkpoint.monitor"):
+        section, field_name = key.split(".")
+        name = getattr(getattr(cfg, section), field_name)
+        if name is None:
+            continue
+        if not has_eval:
+            raise ConfigError(key, name, "null for a run without eval data (nothing to monitor)")
+        if name not in task.eval_names:
+            raise ConfigError(key, name, f"one of this run's eval values: {' | '.join(task.eval_names)}")
 
 
 def _build_on_this_rank(cfg: Config, given: Given, dist_state: DistState, precision: Precision) -> _Built:
@@ -187,11 +205,12 @@ def _build_on_this_rank(cfg: Config, given: Given, dist_state: DistState, precis
     seed_everything(cfg.train.seed)
     data = fill_in_shapes(given.data or build_datasets(cfg.data, cfg.train.seed), task.split)
     loaders = build_loaders(data, cfg.data, cfg.train.seed, dist_state, cfg.train.grad_accum_steps,
-                            tuple(cfg.checkpoint.signals))
+                            tuple(cfg.checkpoint.signals), cfg.eval.max_batches)
     parts = build_parts(cfg, dist_state, _model(cfg, given, data))
     check_first_batch(parts.model, task, data, dist_state.device, given.model_label(cfg), cfg.data.batch_size,
                       precision.autocast)
-    return _Built(task, data, loaders, parts)
+    check_monitors(cfg, task, data.eval is not None)
+    return _Built(task, data, loaders, parts, [*build_callbacks(cfg.callbacks), *given.callbacks])
 
 
 @contextmanager
@@ -234,7 +253,7 @@ def set_up(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable[
             meter = Meter(dist_state.device)
             resumed = _resume(start, cfg, state, built.loaders, meter)
             yield Setup(cfg, dist_state, built.data, built.loaders, built.task, state, meter, built.parts.groups,
-                        total, start, resumed)
+                        total, start, resumed, built.callbacks)
         finally:
             state.compile_watch.close()  # torch would keep counting into it
 

@@ -18,6 +18,7 @@ from dtrain.callbacks.stack import build_duties
 from dtrain.config import load_config
 from dtrain.data.loaders import build_loaders
 from dtrain.data.types import Datasets
+from dtrain.errors import DTrainError
 from dtrain.loggers import null_logger
 from dtrain.loggers.progress import Progress
 from dtrain.loop.engine import FitPlan, fit
@@ -49,6 +50,8 @@ class Recorder(Callback):
         what = self.asks.get(run.step)
         if what == "stop":
             run.request_stop("the test")
+        elif what == "pause":
+            run.request_stop("the test", pause=True)
         elif what == "save":
             run.request_save()
         elif what == "eval":
@@ -152,14 +155,17 @@ def test_max_steps_mid_epoch_ends_that_epoch_with_its_records() -> None:
     assert [s for n, s in rec.calls if n in ("epoch_end", "eval_end", "log")] == [2, 3, 3, 3]
 
 
-def test_requests_eval_save_and_stop_act_at_the_next_boundary() -> None:
-    rec = Recorder({2: "save", 3: "eval", 7: "stop"})
+@pytest.mark.parametrize("how", ["stop", "pause"])
+def test_requests_eval_save_and_stop_act_at_the_next_boundary(how: str) -> None:
+    rec = Recorder({2: "save", 3: "eval", 7: how})
     saver = FakeCheckpointer()
     result, state = _fit([rec], saver, every_steps=4)
     # One process: a request is agreed at once. Saves: the request at 2, the cadence at 4, the stop at 7.
     assert saver.steps == [2, 4, 7]
     assert result.stopped_by == "the test" and state.step == 7
-    assert ("fit_end", 7) not in rec.calls
+    # A callback's stop finishes the run (on_fit_end comes); a pause (a signal's) leaves it to be resumed.
+    assert result.paused is (how == "pause")
+    assert (("fit_end", 7) in rec.calls) is (how == "stop")
     evals = [(s, v["samples"]) for split, s, v in rec.records if split == "eval"]
     assert evals == [(3, 6), (PER_EPOCH, 6)]  # the asked-for one mid-epoch, then the epoch's own
 
@@ -175,11 +181,26 @@ def test_a_stop_asked_on_every_rank_saves_that_step_and_ends_there() -> None:
     assert (result.stopped_by, state.step, saver.steps) == ("done early", 3, [3])
 
 
-def test_an_exception_reaches_the_callbacks_and_names_its_step() -> None:
+def test_a_user_callback_that_raises_stops_the_run_naming_the_callback_the_hook_and_the_step() -> None:
     rec = Recorder({4: "raise"})
-    with pytest.raises(ValueError, match="a callback broke") as info:
+    with pytest.raises(DTrainError, match=r"^Recorder.on_step_end raised ValueError: a callback broke "
+                                          r"\(at test_engine.py:\d+\)$") as info:
         _fit([rec])
-    assert rec.calls[-1] == ("exception", 4)
+    assert rec.calls[-2:] == [("boundary", 4), ("exception", 4)]  # stopped at the boundary of that step
+    assert getattr(info.value, WHERE_ATTR) == "a callback at step 4"
+
+
+def test_dtrains_own_duties_raise_at_once() -> None:
+    class Broken(Recorder):
+        pass
+
+    from dtrain.loop.hooks import Hooks
+
+    broken = Broken({4: "raise"})
+    hooks = Hooks([broken], [])
+    with pytest.raises(ValueError, match="a callback broke") as info:
+        for step in range(1, 6):
+            hooks.step_end(type("Run", (), {"step": step, "record": None})())  # type: ignore[arg-type]
     assert getattr(info.value, WHERE_ATTR) == "a callback's on_step_end after step 4"
 
 
@@ -210,7 +231,7 @@ class Counting(Callback):
     def on_step_end(self, run: RunView) -> None:
         self.seen += 1
         if run.step == self.stop_at:
-            run.request_stop("the first attempt", all_ranks=True)
+            run.request_stop("the first attempt", all_ranks=True, pause=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seen": self.seen}

@@ -14,7 +14,7 @@ class StopOnSignal(Callback):
 
     def on_boundary(self, run: RunView) -> None:
         if self.signals.received is not None:
-            run.request_stop(self.signals.received)
+            run.request_stop(self.signals.received, pause=True)
             run.request_save()
 
     def on_save(self, run: RunView) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Collection, Mapping, Optional, Protocol
 
 import torch.distributed as dist
 
@@ -99,6 +99,8 @@ class Checkpointer:
         self.cfg, self.output_dir, self.dist_state, self.source = cfg, output_dir, dist_state, source
         self.signals, self.run_id, self.say = signals, run_id, say
         self.states: dict[str, Stateful] = dict(states or {})
+        self.keep_also: Callable[[], Collection[int]] = lambda: ()
+        """The steps whose checkpoints retention spares besides the newest checkpoint.keep (the best ones)."""
 
     def register(self, name: str, obj: Stateful) -> None:
         if name in self.states:
@@ -128,7 +130,8 @@ class Checkpointer:
                        "rng": {str(r): s for r, s in enumerate(rngs)}, "world_size": self.dist_state.world_size,
                        "global_batch": global_batch(self.cfg, self.dist_state.world_size), "config": to_dict(self.cfg),
                        "wandb_id": self.run_id(), "states": states}
-            return checkpoint.save(self.output_dir, state.step, state.epoch, payload, self.cfg.checkpoint.keep)
+            return checkpoint.save(self.output_dir, state.step, state.epoch, payload, self.cfg.checkpoint.keep,
+                                   self.keep_also())
 
         # Rank 0 writes; a failure there (a full disk) reaches every rank as one error.
         path = self.dist_state.run_on_main(write, share_result=False)

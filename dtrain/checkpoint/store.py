@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import torch
 
@@ -43,6 +43,11 @@ _PREFIX = "step-"
 
 def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, SUBDIR)
+
+
+def dir_name(step: int) -> str:
+    """The directory name of the checkpoint of `step`, under checkpoints_dir."""
+    return f"{_PREFIX}{step:09d}"
 
 
 @dataclass(frozen=True)
@@ -90,15 +95,18 @@ def finished(output_dir: str) -> Optional[dict[str, Any]]:
         return None
 
 
-def mark_finished(output_dir: str, step: int, result: Optional[dict[str, float]]) -> None:
-    body = json.dumps({"step": step, "eval": result}, allow_nan=True).encode()
+def mark_finished(output_dir: str, step: int, result: Optional[dict[str, float]],
+                  stopped_by: Optional[str] = None) -> None:
+    body = json.dumps({"step": step, "eval": result, "stopped_by": stopped_by}, allow_nan=True).encode()
     write_atomic(os.path.join(checkpoints_dir(output_dir), FINISHED), body)
 
 
-def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: int) -> str:
-    """Commit `state` as the checkpoint of `step` (rank 0 only); keep the newest `keep`."""
+def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: int,
+         keep_also: Collection[int] = ()) -> str:
+    """Commit `state` as the checkpoint of `step` (rank 0 only); keep the newest `keep`, and those of the steps
+    in `keep_also` (the best ones)."""
     root = checkpoints_dir(output_dir)
-    final = os.path.join(root, f"{_PREFIX}{step:09d}")
+    final = os.path.join(root, dir_name(step))
     tmp = os.path.join(root, f".{_PREFIX}{step:09d}.tmp")
     try:
         os.makedirs(root, exist_ok=True)
@@ -130,7 +138,8 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
         raise DTrainError(f"cannot write the checkpoint of step {step} in {root}: {why}; "
                           "the earlier checkpoints are untouched") from None
     for old in committed(output_dir)[:-keep]:
-        shutil.rmtree(old.path, ignore_errors=True)
+        if old.step not in keep_also:
+            shutil.rmtree(old.path, ignore_errors=True)
     return final
 
 

@@ -10,8 +10,8 @@ import math
 from typing import Sequence
 
 from dtrain.config.choices import (BACKENDS, CATCHABLE_SIGNALS, DATASETS, DEVICES, GRAD_COMPRESSIONS, LOSSES,
-                                   METRICS, MODEL_INITS, MODELS, MONITOR_MODES, ON_NONFINITE, OPTIMIZERS, PRECISIONS, PROGRESS,
-                                   SCHEDULES, STRATEGIES)
+                                   METRICS, MODEL_INITS, MODELS, MONITOR_MODES, ON_NONFINITE, OPTIMIZERS, PRECISIONS,
+                                   PROGRESS, SCHEDULES, STRATEGIES)
 from dtrain.config.schema import Config, OptimConfig
 from dtrain.errors import ConfigError
 

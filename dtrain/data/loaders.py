@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dtrain.config import DataConfig
 from dtrain.data.batches import TensorBatches, batched_source
@@ -48,12 +48,13 @@ def _fast_reader(ds: Dataset, cfg: DataConfig, device: torch.device, role: str) 
 
 
 def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState, grad_accum_steps: int,
-                  worker_ignores: tuple[str, ...] = ()) -> Loaders:
-    """This rank's train source (`grad_accum_steps` micro-batches per window) and eval loader; DataLoader
-    workers forget the parent's handlers of `worker_ignores` (see runtime.signals.worker_signals)."""
+                  worker_ignores: tuple[str, ...] = (), eval_max_batches: Optional[int] = None) -> Loaders:
+    """This rank's train source (`grad_accum_steps` micro-batches per window) and eval loader (over the first
+    `eval_max_batches` x data.eval_batch_size samples, or all); DataLoader workers forget the parent's handlers
+    of `worker_ignores` (see runtime.signals.worker_signals)."""
     init = functools.partial(worker_signals, tuple(worker_ignores)) if worker_ignores and cfg.num_workers else None
     train = _train_source(data, cfg, seed, dist_state, grad_accum_steps, init)
-    return Loaders(train, _eval_loader(data, cfg, seed, dist_state, init))
+    return Loaders(train, _eval_loader(data, cfg, seed, dist_state, init, eval_max_batches))
 
 
 def _train_source(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState, k: int,
@@ -77,16 +78,20 @@ def _train_source(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
 
 
 def _eval_loader(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState,
-                 init: Optional[Callable[[int], None]]) -> Optional[Any]:
+                 init: Optional[Callable[[int], None]], max_batches: Optional[int]) -> Optional[Any]:
     if data.eval is None:
         return None
-    sampler = ShardSampler(data.eval, dist_state.rank, dist_state.world_size)
-    reader = _fast_reader(data.eval, cfg, dist_state.device, "eval")
+    dataset = data.eval
+    if max_batches is not None and max_batches * cfg.eval_batch_size < len(dataset):  # type: ignore[arg-type]
+        # The first samples of the set, then sharded: the same subset at any number of processes.
+        dataset = Subset(dataset, range(max_batches * cfg.eval_batch_size))
+    sampler = ShardSampler(dataset, dist_state.rank, dist_state.world_size)
+    reader = _fast_reader(dataset, cfg, dist_state.device, "eval")
     if reader is not None:
         return TensorBatches(reader, sampler, cfg.eval_batch_size, dist_state.device if cfg.device_resident else None)
     # Its own generator too: without one, its first iterator (at the first eval) would draw
     # the workers' seed from the global RNG, which a resumed run would then draw again.
     eval_rng = torch.Generator().manual_seed(rank_seed(seed + 1, dist_state.rank, dist_state.world_size))
-    return DataLoader(data.eval, batch_size=cfg.eval_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+    return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                       pin_memory=dist_state.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                       generator=eval_rng, worker_init_fn=init)

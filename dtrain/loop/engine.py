@@ -56,6 +56,8 @@ class Duties:
     meter: Meter
     clock: Timer
     guard: Optional[NonFiniteGuard] = None
+    finishing: bool = False
+    """Whether the stop decided at the last boundary finishes the run (else it pauses it)."""
 
 
 @dataclass
@@ -64,6 +66,10 @@ class FitResult:
     """The last evaluation, or None (no eval set, or stopped before the first one)."""
     stopped_by: Optional[str] = None
     """Why the run stopped early (a signal, a callback's request); None when it ran to the end."""
+    paused: bool = False
+    """Whether the stop pauses the run (a signal: the same command resumes it) rather than finishing it."""
+    ema_weights: Optional[dict[str, Any]] = None
+    """The run's weight average for model_ema.pt, when it keeps one (filled in by the run)."""
 
 
 def fit(state: TrainState, task: Task, train: TrainSource, eval_data: Any, plan: FitPlan,
@@ -102,7 +108,7 @@ def _fit(state: TrainState, task: Task, train: TrainSource, eval_data: Any, plan
                 # The epoch's last step reaches its boundary after the epoch-end records, below,
                 # so that a checkpoint never sits between a step and the records of that step.
                 if window.index + 1 < train.steps_per_epoch and _boundary(state, task, eval_data, d):
-                    return FitResult(run.eval, run.stopping)
+                    return _stopped(run, d)
         if plan.done(state.epoch + 1, state.step) and d.clock.steps > 0:
             _log(run, hooks)  # the partial logging window at the very end
         with d.clock.paused():
@@ -112,12 +118,35 @@ def _fit(state: TrainState, task: Task, train: TrainSource, eval_data: Any, plan
                 _evaluate(state, task, eval_data, d, f"the eval of epoch {state.epoch + 1}")
         state.epoch += 1
         if not plan.done(state.epoch, state.step) and _boundary(state, task, eval_data, d):
-            return FitResult(run.eval, run.stopping)
+            return _stopped(run, d)
     with phase(f"the final check after step {state.step}"):
         d.steering.settle()
-        d.checks.check_now()  # what the caller saves next (the final checkpoint, model.pt) must be finite
-        hooks.fit_end(run)
+        d.checks.check_now()  # what is saved next (the final checkpoint, model.pt) must be finite
+        _raise_failures(d)
+    with d.clock.paused(), phase(f"the final checkpoint at step {state.step}"):
+        hooks.save(run)  # the end: the final state, so that a rerun knows it is done
+    _end(d)
     return FitResult(run.eval)
+
+
+def _stopped(run: RunView, d: Duties) -> FitResult:
+    result = FitResult(run.eval, run.stopping, paused=not d.finishing)
+    if d.finishing:
+        _end(d)
+    return result
+
+
+def _end(d: Duties) -> None:
+    with phase(f"the end of the run at step {d.run.step}"):
+        d.hooks.fit_end(d.run)
+        _raise_failures(d)
+
+
+def _raise_failures(d: Duties) -> None:
+    """Where no boundary follows (the end): one collective, if a user's hook may have failed on some rank."""
+    if d.hooks.user:
+        d.run.state.dist.check_all(d.hooks.requests.failure, f"in a callback (every rank stopped at step "
+                                                             f"{d.run.step})")
 
 
 def _log(run: RunView, hooks: Hooks) -> None:
@@ -137,10 +166,14 @@ def _boundary(state: TrainState, task: Task, eval_data: Any, d: Duties) -> bool:
     decision = d.steering.decide(state.step)
     if decision is NOTHING:
         return False
-    d.run.stopping = decision.stop
+    if decision.failed:
+        d.steering.settle()  # no collective left in flight behind the error
+        state.dist.check_all(d.hooks.requests.failure, f"in a callback (every rank stopped at step {state.step})")
     with d.clock.paused():
         if decision.eval and eval_data is not None and d.run.eval_step != state.step:
             _evaluate(state, task, eval_data, d, f"the eval at step {state.step}")
+            decision = d.steering.after_eval(decision)
+        d.run.stopping, d.finishing = decision.stop, decision.finish
         if decision.save:
             with phase(f"the checkpoint at step {state.step}"):
                 d.hooks.save(d.run)

@@ -7,7 +7,9 @@ callbacks too (`dtrain/callbacks/`), so a user's callback sees exactly what they
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 
 from dtrain.loop.record import Record
 from dtrain.loop.state import TrainState
+from dtrain.errors import DTrainError
 from dtrain.runtime.faults import label
 
 
@@ -52,11 +55,12 @@ class Callback:
         the epoch's records and eval)."""
 
     def on_save(self, run: RunView) -> None:
-        """At a step boundary where every rank agreed to save a checkpoint; `run.stopping` says whether the
-        run stops after it."""
+        """Where every rank saves a checkpoint: a step boundary where the ranks agreed to, and the run's end;
+        `run.stopping` says whether the run stops after it."""
 
     def on_fit_end(self, run: RunView) -> None:
-        """After the last step, when the run was not stopped."""
+        """When the run ends finished (after its last step, or a finishing stop), after its final checkpoint;
+        not when it pauses (a stop signal: the same command resumes it)."""
 
     def on_exception(self, run: RunView, exc: BaseException) -> None:
         """The loop raised `exc`; it is re-raised after every callback saw it."""
@@ -78,12 +82,17 @@ class Requests:
     """Whether anything was asked since the last decision (the loop's fast path when nothing was)."""
     stop: Optional[str] = None
     """Why this rank asked to stop."""
+    finish: bool = False
+    """Whether this rank's stop ends the run as finished (else it pauses it: a signal's stop)."""
     save: bool = False
     eval: bool = False
     stop_now: Optional[str] = None
+    finish_now: bool = False
     save_now: bool = False
     eval_now: bool = False
-
+    failure: Optional[Exception] = None
+    """The first error a user's hook raised on this rank: every rank stops at the boundary where the ranks
+    agree that one did, and the failure is reported there (see `Hooks`)."""
 
 
 class RunView:
@@ -132,15 +141,18 @@ class RunView:
         """The user's model, unwrapped."""
         return self.state.module
 
-    def request_stop(self, reason: str = "a callback", all_ranks: bool = False) -> None:
-        """End the run at the next step boundary, after a checkpoint (where the run takes them), so that the
-        same command resumes it. `all_ranks`: every
-        rank asks at this same step (e.g. decided from a record), so no agreement round is needed."""
+    def request_stop(self, reason: str = "a callback", all_ranks: bool = False, pause: bool = False) -> None:
+        """End the run at the next step boundary, after a checkpoint (where the run takes them), as finished:
+        model.pt is written and the same command reports it done. `pause=True` (a stop signal) ends it to be
+        continued instead: the same command resumes it. `all_ranks`: every rank asks at this same step (e.g.
+        decided from a record), so no agreement round is needed. A finishing stop wins over a pausing one."""
         self._requests.pending = True
         if all_ranks:
             self._requests.stop_now = self._requests.stop_now or reason
+            self._requests.finish_now = self._requests.finish_now or not pause
         else:
             self._requests.stop = self._requests.stop or reason
+            self._requests.finish = self._requests.finish or not pause
 
     def request_save(self, all_ranks: bool = False) -> None:
         """A checkpoint at the next step boundary."""
@@ -159,51 +171,58 @@ class RunView:
             self._requests.eval = True
 
 
-@dataclass
 class Hooks:
-    """The callbacks in order, called as one."""
+    """The callbacks in order, called as one: dtrain's own (`own`), then the user's.
 
-    callbacks: Sequence[Callback] = field(default_factory=list)
+    A user's hook that raises does not end the run on the rank where it raised, which would leave the others
+    waiting in the next collective: the error is kept in `requests.failure` and the ranks agree at a step
+    boundary, where every rank stops at the same step with one line naming the callback and the hook.
+    """
 
-    def __post_init__(self) -> None:
-        # Per step, only the callbacks that do something then are called.
-        self._step_end = [cb.on_step_end for cb in self.callbacks if _overrides(cb, "on_step_end")]
-        self._boundary = [cb.on_boundary for cb in self.callbacks if _overrides(cb, "on_boundary")]
+    def __init__(self, own: Sequence[Callback] = (), user: Sequence[Callback] = (),
+                 requests: Optional[Requests] = None) -> None:
+        self.callbacks = [*own, *user]
+        self.user = list(user)
+        self.requests = requests if requests is not None else Requests()
+        n = len(own)
+        self._calls = {name: [self._call(cb, name, i >= n) for i, cb in enumerate(self.callbacks)
+                              if name not in _PER_STEP or _overrides(cb, name)]
+                       for name in _HOOKS}
+
+    def _call(self, cb: Callback, name: str, user: bool) -> Callable[[RunView], None]:
+        bound = getattr(cb, name)
+        return _Guarded(bound, type(cb).__name__, name, self.requests) if user else bound
 
     @property
     def requests_alone(self) -> bool:
-        return any(cb.requests_alone for cb in self.callbacks)
+        """Whether requests need agreeing: a callback may ask alone, or a user's hook may fail on one rank."""
+        return bool(self.user) or any(cb.requests_alone for cb in self.callbacks)
 
     def fit_start(self, run: RunView) -> None:
-        _each([cb.on_fit_start for cb in self.callbacks], run, "on_fit_start at")
+        _each(self._calls["on_fit_start"], run, "on_fit_start at")
 
     def step_end(self, run: RunView) -> None:
         run.record = None
-        _each(self._step_end, run, "on_step_end after")
+        _each(self._calls["on_step_end"], run, "on_step_end after")
 
     def log(self, run: RunView) -> None:
-        for cb in self.callbacks:
-            cb.on_log(run)
+        _each(self._calls["on_log"], run, "on_log at")
 
     def epoch_end(self, run: RunView) -> None:
-        for cb in self.callbacks:
-            cb.on_epoch_end(run)
+        _each(self._calls["on_epoch_end"], run, "on_epoch_end at")
 
     def eval_end(self, run: RunView, record: Record) -> None:
         run.record, run.eval, run.eval_step = record, dict(record.values), record.step
-        for cb in self.callbacks:
-            cb.on_eval_end(run)
+        _each(self._calls["on_eval_end"], run, "on_eval_end at")
 
     def boundary(self, run: RunView) -> None:
-        _each(self._boundary, run, "on_boundary after")
+        _each(self._calls["on_boundary"], run, "on_boundary after")
 
     def save(self, run: RunView) -> None:
-        for cb in self.callbacks:
-            cb.on_save(run)
+        _each(self._calls["on_save"], run, "on_save at")
 
     def fit_end(self, run: RunView) -> None:
-        for cb in self.callbacks:
-            cb.on_fit_end(run)
+        _each(self._calls["on_fit_end"], run, "on_fit_end at")
 
     def exception(self, run: RunView, exc: BaseException) -> None:
         """Every callback hears of it; one that fails here must not hide the error itself."""
@@ -212,6 +231,40 @@ class Hooks:
                 cb.on_exception(run, exc)
             except Exception as inner:  # noqa: BLE001 - the run's own error is the one to report
                 exc.add_note(f"(and {type(cb).__name__}.on_exception raised {type(inner).__name__}: {inner})")
+
+
+_HOOKS = ("on_fit_start", "on_step_end", "on_log", "on_epoch_end", "on_eval_end", "on_boundary", "on_save",
+          "on_fit_end")
+_PER_STEP = ("on_step_end", "on_boundary")
+"""Per step, only the callbacks that do something then are called."""
+
+
+class _Guarded:
+    """A user's hook: what it raises is kept for the ranks to agree on, instead of ending this rank alone."""
+
+    def __init__(self, hook: Callable[[RunView], None], owner: str, name: str, requests: Requests) -> None:
+        self.hook, self.owner, self.name, self.requests = hook, owner, name, requests
+
+    def __call__(self, run: RunView) -> None:
+        try:
+            self.hook(run)
+        except Exception as exc:  # noqa: BLE001 - reported, the same step on every rank, by the loop
+            if self.requests.failure is None:
+                failure = CallbackError(f"{self.owner}.{self.name} raised {type(exc).__name__}: "
+                                        f"{' '.join(str(exc).split())[:300]}{_where(exc)}")
+                failure.__cause__ = exc
+                label(failure, f"a callback at step {run.step}")
+                self.requests.failure = failure
+            self.requests.pending = True
+
+
+class CallbackError(DTrainError):
+    """A user's callback raised; the one line names the callback, the hook and the step."""
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
 
 
 def _each(hooks: Sequence[Callable[[RunView], None]], run: RunView, what: str) -> None:

@@ -34,6 +34,9 @@ class TrainState:
     """Epochs completed."""
     skipped_steps: int = 0
     """fp16 steps whose gradients overflowed; the scaler skipped them and the schedule did not advance."""
+    applied: Any = True
+    """Whether the last step's update stood: a bool, or under train.on_nonfinite=skip a 0-dim bool device
+    tensor (never read on the host). False after an fp16 overflow the GradScaler skipped."""
     compile_watch: CompileWatch = field(default_factory=CompileWatch)
     """Counts and times torch.compile's work (train.compile); inert otherwise."""
 

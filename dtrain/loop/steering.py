@@ -21,8 +21,12 @@ from dtrain.runtime.dist import DistState
 class Decision:
     stop: Optional[str] = None
     """Why the run stops here (None: it goes on)."""
+    finish: bool = False
+    """Whether the stop ends the run as finished (else it pauses: the same command resumes it)."""
     save: bool = False
     eval: bool = False
+    failed: bool = False
+    """A user's hook raised on some rank: every rank stops here and reports it."""
 
 
 NOTHING = Decision()
@@ -48,22 +52,36 @@ class Steering:
         r = self.requests
         if not r.pending and (not self.agree or step < self.agreement.next_round):
             return NOTHING  # the common case, kept to a couple of attribute reads
-        flags = [r.stop is not None, r.save, r.eval]
+        flags = [r.stop is not None, r.finish, r.save, r.eval, r.failure is not None]
         if self.agree:
             due = step >= self.agreement.next_round
             agreed = self.agreement.poll(step, flags)
-            if due:  # sent in this round: each request goes out once
+            if due:  # sent in this round: each request goes out once (a failure stays until it is acted on)
                 self._sent = r.stop or self._sent
-                r.stop, r.save, r.eval, r.pending = None, False, False, False
+                r.stop, r.finish, r.save, r.eval = None, False, False, False
+                r.pending = r.failure is not None
             stop = r.stop_now or ((self._sent or self.elsewhere) if agreed[0] else None)
         else:
             agreed = flags
             stop = r.stop_now or r.stop
-            r.stop, r.save, r.eval, r.pending = None, False, False, False
+            r.stop, r.finish, r.save, r.eval, r.pending = None, False, False, False, False
         # A run that stops saves first (where it has a checkpointer): the same command resumes it.
-        decision = Decision(stop, stop is not None or r.save_now or agreed[1], r.eval_now or agreed[2])
-        r.stop_now, r.save_now, r.eval_now = None, False, False
-        return decision if decision.stop is not None or decision.save or decision.eval else NOTHING
+        decision = Decision(stop, stop is not None and (r.finish_now or agreed[1]),
+                            stop is not None or r.save_now or agreed[2], r.eval_now or agreed[3], agreed[4])
+        r.stop_now, r.finish_now, r.save_now, r.eval_now = None, False, False, False
+        if decision.stop is not None or decision.save or decision.eval or decision.failed:
+            return decision
+        return NOTHING
+
+    def after_eval(self, decision: Decision) -> Decision:
+        """At a boundary that evaluated: what the eval's callbacks asked for on every rank alike (early
+        stopping, a best checkpoint) joins this boundary's decision, so it acts at the eval's own step."""
+        r = self.requests
+        stop = decision.stop or r.stop_now
+        finish = decision.finish or (r.stop_now is not None and r.finish_now)
+        save = decision.save or r.save_now or stop is not None
+        r.stop_now, r.finish_now, r.save_now, r.eval_now = None, False, False, False
+        return Decision(stop, finish, save, decision.eval, decision.failed)
 
     def settle(self) -> None:
         """Collect the round in flight, so no collective is left behind when the loop ends."""

@@ -80,10 +80,12 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
         meter.add_unless_skipped(step_loss, sum(window.real), ok)  # the loss counts only if the step stands
         with skip.undo_unless(ok, opt):
             stepped = precision.step(opt)
+        state.applied = ok if stepped else False
     else:
         if watch is not None:
             watch.note(state.step, losses, grad_norm)  # list appends: checked at the next logging step
         stepped = precision.step(opt)
+        state.applied = stepped
     if stepped:
         state.scheduler.step()
     else:

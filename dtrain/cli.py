@@ -12,7 +12,7 @@ import gc
 import io
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from dtrain.errors import SAID_BY_RANK_0, ConfigError, DTrainError
 
@@ -34,6 +34,20 @@ def parse_args(prog: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def run_dir_parser(prog: str, description: str, *positionals: tuple[str, str]) -> argparse.ArgumentParser:
+    """`python -m PROG RUN_DIR [POSITIONALS...] [--checkpoint ...] [key=value ...]`: the commands that read a run."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (it holds config.yaml)")
+    for name, text in positionals:
+        parser.add_argument(name, metavar=name.upper(), help=text)
+    parser.add_argument("--checkpoint", default="last", metavar="last|best|ema|PATH",
+                        help="which weights: last (model.pt of a finished run, else the newest checkpoint), best, "
+                             "ema, a checkpoint directory or a .pt file holding a state dict (default: last)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of the run's config.yaml, e.g. data.name=... to use another eval set")
+    return parser
+
+
 def _enable_faulthandler() -> None:
     """A native crash while Python runs (a collective library aborting, a segfault in an
     extension) then shows each thread's Python stack in the job log, not only a signal number."""
@@ -50,18 +64,31 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
     user errors become one line on stderr."""
     from dtrain.config import load_config
 
-    if argv is None:
-        # Only for a real command line: a caller running main(argv) in its own process
-        # keeps its own crash handling.
-        _enable_faulthandler()
     args = parse_args(prog, argv)
     cfg = None
-    try:
+
+    def run() -> None:
+        nonlocal cfg
         cfg = load_config(args.config, args.overrides)
         # Imported only now: the training code pulls in torch, which a config error never waits for.
         module, _, function = body.partition(":")
         # __import__, not importlib.import_module: the latter bypasses -X importtime's log.
         getattr(__import__(module, fromlist=[function]), function)(cfg)
+
+    return guarded(prog, argv, run, lambda: cfg.dist.timeout_s if cfg is not None else None)
+
+
+def guarded(prog: str, argv: Optional[Sequence[str]], run: Callable[[], None],
+            timeout_s: Callable[[], Optional[int]] = lambda: None) -> int:
+    """Run a command's body on this rank and return its exit code: a DTrainError is one line on stderr
+    (rank 0's alone when every rank says the same), exit 2; any other failure is reported once, exit 1.
+    `timeout_s`: dist.timeout_s once known, for the report of a collective that timed out."""
+    if argv is None:
+        # Only for a real command line: a caller running main(argv) in its own process
+        # keeps its own crash handling.
+        _enable_faulthandler()
+    try:
+        run()
         # What the run left in reference cycles (an exception's frames still holding the DDP model, say)
         # goes now, while the interpreter is whole: a process group freed only at interpreter shutdown can
         # take gloo's threads down with it there and abort a job that succeeded.
@@ -82,7 +109,7 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
     except Exception as exc:  # noqa: BLE001 - any other failure: what this rank says, once
         from dtrain.runtime.faults import report
 
-        report(exc, prog, cfg.dist.timeout_s if cfg is not None else None)
+        report(exc, prog, timeout_s())
         return EXIT_FAILURE
     return 0
 

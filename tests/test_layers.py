@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dtrain"
 # under dtrain/ that are not named here, so a new top-level entry point needs no edit.
 LAYERS: list[set[str]] = [
     {"doors"},
-    {"run", "setup"},
+    {"run", "setup", "inference"},
     {"callbacks"},
     {"checkpoint", "loggers"},
     {"loop"},

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "load_config", "Config", "Result", "Datasets", "DTrainError", "Callback"]
+__all__ = ["train", "load", "load_config", "Config", "Result", "Datasets", "DTrainError", "Callback"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `python -m dtrain --help` and config errors never wait for torch.
-    if name in ("train", "Result"):
+    if name in ("train", "load", "Result"):
         from dtrain import api
 
         return getattr(api, name)

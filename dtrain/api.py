@@ -80,10 +80,26 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
     return Result(result.eval, result.state.module, cfg, result.state.dist.is_main, result.output_dir)
 
 
+def load(run_dir: Union[str, "os.PathLike[str]"], checkpoint: Union[str, "os.PathLike[str]"] = "last",
+         overrides: Sequence[str] = ()) -> tuple[nn.Module, Config]:
+    """A finished (or stopped) run's model and config: `(model, config)`, the plain nn.Module in eval mode on the
+    CPU with the chosen weights loaded, rebuilt from <run_dir>/config.yaml with `overrides` on top.
+
+    checkpoint: last (model.pt of a finished run, else the newest checkpoint) | best (model_best.pt, else the
+        checkpoint that checkpoints/best.json names) | ema (model_ema.pt, else the newest checkpoint's EMA) |
+        a committed checkpoint directory | a .pt file holding a state dict.
+    A run it cannot rebuild (trained on a model object, a factory that no longer imports, weights that do not
+    fit) raises DTrainError with a one-line message.
+    """
+    from dtrain.inference import load_model
+
+    return load_model(os.fspath(run_dir), os.fspath(checkpoint), overrides)
+
+
 def _config(config: Union[str, "os.PathLike[str]", Config, None], overrides: Sequence[str]) -> Config:
     if isinstance(config, Config):
         return load_config(None, overrides, base_config=config)
     return load_config(os.fspath(config) if config is not None else None, overrides)
 
 
-__all__ = ["Result", "train", "Datasets"]
+__all__ = ["Result", "train", "load", "Datasets"]

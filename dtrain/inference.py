@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dtrain.callbacks.best import BEST, MODEL_BEST
 from dtrain.checkpoint import store
 from dtrain.config import Config, load_config, yamlfile
 from dtrain.data.builtin import build_datasets
@@ -39,7 +40,6 @@ from dtrain.runtime.seeding import rng_state, seed_everything, set_rng_state
 from dtrain.setup import Given, build_task_for, build_train_state
 
 CHOICES = ("last", "best", "ema")
-BEST_JSON = "best.json"
 
 
 @dataclass(frozen=True)
@@ -87,28 +87,26 @@ def find_weights(run_dir: str, choice: str = "last") -> Weights:
 def _last(run_dir: str) -> Weights:
     done = store.finished(run_dir)
     path = os.path.join(run_dir, "model.pt")
+    # model.pt of a run that did not finish may be stale (an earlier attempt's): the checkpoints are newer.
     if done is not None and os.path.isfile(path):
         return Weights(_read_file(path), f"{path} (step {done.get('step')})")
     found = store.committed(run_dir)
-    if not found:  # model.pt of an unfinished run may be stale, so only a finished run's counts
+    if not found:
         raise DTrainError(f"{run_dir} has no weights to load: no model.pt of a finished run and no committed "
                           f"checkpoint ({_inventory(run_dir)})")
     return _from_checkpoint(found[-1].path)
 
 
 def _best(run_dir: str) -> Weights:
-    path = os.path.join(run_dir, "model_best.pt")
+    path = os.path.join(run_dir, MODEL_BEST)
+    marker = os.path.join(store.checkpoints_dir(run_dir), BEST)
     if os.path.isfile(path):
-        return Weights(_read_file(path), path)
-    marker = os.path.join(store.checkpoints_dir(run_dir), BEST_JSON)
+        pointer = _read_pointer(marker) if os.path.isfile(marker) else None
+        return Weights(_read_file(path), f"{path} (step {pointer['step']})" if pointer else path)
     if not os.path.isfile(marker):
-        raise DTrainError(f"{run_dir} has no best weights (no model_best.pt and no checkpoints/{BEST_JSON}: the "
+        raise DTrainError(f"{run_dir} has no best weights (no model_best.pt and no checkpoints/{BEST}: the "
                           f"run had no checkpoint.monitor); {_inventory(run_dir)}")
-    try:
-        with open(marker, encoding="utf-8") as f:
-            name = str(json.load(f)["checkpoint"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DTrainError(f"cannot read {marker}: {type(exc).__name__}: {exc}") from None
+    name = str(_read_pointer(marker)["checkpoint"])
     checkpoint = os.path.join(store.checkpoints_dir(run_dir), name)
     if not store.is_committed(checkpoint):
         raise DTrainError(f"{marker} names the checkpoint {name}, which is not there (or not committed); "
@@ -116,10 +114,21 @@ def _best(run_dir: str) -> Weights:
     return _from_checkpoint(checkpoint)
 
 
+def _read_pointer(path: str) -> dict[str, Any]:
+    """best.json: {"step", "checkpoint", "monitor", "mode", "value"}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pointer = json.load(f)
+        return {"step": int(pointer["step"]), "checkpoint": str(pointer["checkpoint"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DTrainError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
 def _ema(run_dir: str) -> Weights:
     path = os.path.join(run_dir, "model_ema.pt")
     if os.path.isfile(path):
-        return Weights(_read_file(path), path)
+        done = store.finished(run_dir)
+        return Weights(_read_file(path), f"{path} (step {done.get('step')})" if done else path)
     found = store.committed(run_dir)
     if found:
         payload = store.load(found[-1].path)
@@ -163,7 +172,7 @@ def _read_file(path: str) -> Mapping[str, Any]:
 
 def _inventory(run_dir: str) -> str:
     """What weights the run has, for the line that says which are missing."""
-    files = [name for name in ("model.pt", "model_best.pt", "model_ema.pt")
+    files = [name for name in ("model.pt", MODEL_BEST, "model_ema.pt")
              if os.path.isfile(os.path.join(run_dir, name))]
     steps = [str(f.step) for f in store.committed(run_dir)]
     has = files + ([f"checkpoints of steps {', '.join(steps)}"] if steps else [])
@@ -258,9 +267,11 @@ def open_run(run_dir: str, checkpoint: str = "last", overrides: Sequence[str] = 
                 raise DTrainError(f"the run's data ({cfg.data.name}) has no eval set; --split train, or "
                                   "data.name=... naming data with one")
             model = rebuild_model(cfg, data, weights)
-            # The run's own eval loader (a shard per rank, no padding), over the chosen split.
+            # The run's own eval loader (a shard per rank, no padding), over the chosen split; a score is taken
+            # on the samples the run's evals took (eval.max_batches), predictions on every sample.
             loader = build_loaders(dataclasses.replace(data, eval=chosen), cfg.data, cfg.train.seed, dist_state,
-                                   cfg.train.grad_accum_steps).eval
+                                   cfg.train.grad_accum_steps, eval_max_batches=cfg.eval.max_batches if scoring
+                                   else None).eval
         except Exception as exc:
             error = exc
         dist_state.check_all(error, "while loading the run")

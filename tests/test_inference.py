@@ -65,6 +65,18 @@ def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def ema_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like mlp_run, with an EMA, the best checkpoint by accuracy and evals every 4 steps on 5 batches only."""
+    from dtrain.run import train
+
+    out = tmp_path_factory.mktemp("ema") / "run"
+    train(load_config(None, [*DATA, f"train.seed={SEED}", "train.epochs=2", "ema.decay=0.8",
+                             "checkpoint.monitor=accuracy", "checkpoint.mode=max", "eval.every_steps=4",
+                             "eval.max_batches=5", "log.progress=none", f"output_dir={out}"]), environ={})
+    return out
+
+
+@pytest.fixture(scope="module")
 def factory_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two ranks, a user factory with BatchNorm (each rank's running statistics differ until eval shares them)."""
     out = tmp_path_factory.mktemp("factory") / "run"
@@ -106,6 +118,24 @@ def test_eval_reproduces_the_final_record_bit_for_bit(mlp_run: Path, tmp_path: P
     (line,) = out.splitlines()
     assert line.startswith("dtrain.eval: loss ") and "on 101 samples" in line and "model.pt" in line
     assert _snapshot(mlp_run) == before  # nothing written into the run
+
+
+def test_eval_of_the_best_and_the_ema_weights_reproduces_their_records(ema_run: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    final = _final_eval(ema_run)
+    best_step = json.loads((ema_run / "checkpoints" / "best.json").read_text())["step"]
+    last_step = records(ema_run, "eval")[-1]["step"]
+    assert best_step != last_step and final["samples"] == 5 * 16  # eval.max_batches
+
+    def record(split: str, step: int) -> dict:
+        (row,) = [r for r in records(ema_run, split) if r["step"] == step]
+        return {k: v for k, v in row.items() if k not in ("split", "step", "epoch")}
+
+    for choice, want in (("last", final), ("best", record("eval", best_step)),
+                         ("ema", record("eval_ema", last_step))):
+        code, _, err = _eval_here([str(ema_run), "--checkpoint", choice, "--out", str(tmp_path / "e.json")], capsys)
+        assert code == 0, err
+        assert json.loads((tmp_path / "e.json").read_text())["eval"] == want, choice
 
 
 def test_eval_on_another_eval_set_named_by_override(mlp_run: Path, tmp_path: Path,

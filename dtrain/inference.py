@@ -282,24 +282,20 @@ def open_run(run_dir: str, checkpoint: str = "last", overrides: Sequence[str] = 
             state.compile_watch.close()
 
 
-@torch.no_grad()
 def predict(run: Opened) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The model's outputs for every sample of the split, in dataset order, each once: (outputs [N, ...], index
     [N]) on rank 0 (gathered from every rank's shard), None on the others. Every rank calls it."""
-    state, device = run.state, run.dist.device
-    state.strategy.share_buffers(state.model)  # as the run's eval: every shard scored by rank 0's model
-    model = state.module.eval()
-    outputs = []
-    for batch in run.loader:
-        x, _ = to_device(run.task.split(batch), device)
-        with state.precision.autocast():
-            out = model(x)
-        if not isinstance(out, torch.Tensor):
-            raise DTrainError(f"the model returned a {type(out).__name__}; predict writes one tensor of outputs")
-        # Half outputs of autocast become float32, as the eval's loss sees them.
-        outputs.append((out.float() if out.dtype in (torch.float16, torch.bfloat16) else out).cpu())
-    index = torch.as_tensor(list(run.loader.sampler), dtype=torch.long)
-    mine = (index, torch.cat(outputs)) if outputs else None
+    if run.size == 0:
+        raise DTrainError("the split has no samples; nothing to predict")
+    run.state.strategy.share_buffers(run.state.model)  # as the run's eval: every shard scored by rank 0's model
+    mine: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    error: Optional[Exception] = None
+    try:
+        mine = _shard_outputs(run)
+    except Exception as exc:
+        error = exc
+    # Agreed before the gather: a rank that failed must not leave the others waiting in it.
+    run.dist.check_all(error, "while predicting")
     shards = [mine]
     if run.dist.world_size > 1:
         shards = [None] * run.dist.world_size if run.dist.is_main else None  # type: ignore[assignment]
@@ -307,14 +303,30 @@ def predict(run: Opened) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     if not run.dist.is_main:
         return None
     got = [s for s in shards if s is not None]
-    if not got:
-        raise DTrainError("the split has no samples; nothing to predict")
     index = torch.cat([i for i, _ in got])
     order = torch.argsort(index)
     index = index[order]
     if not torch.equal(index, torch.arange(run.size)):
         raise DTrainError(f"internal: the ranks' shards do not cover the {run.size} samples once each")
     return torch.cat([o for _, o in got])[order], index
+
+
+@torch.no_grad()
+def _shard_outputs(run: Opened) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(dataset indices, outputs) of this rank's shard, on the CPU; None for an empty shard."""
+    model, precision, device = run.state.module.eval(), run.state.precision, run.dist.device
+    outputs = []
+    for batch in run.loader:
+        x, _ = to_device(run.task.split(batch), device)
+        with precision.autocast():
+            out = model(x)
+        if not isinstance(out, torch.Tensor):
+            raise DTrainError(f"the model returned a {type(out).__name__}; predict writes one tensor of outputs")
+        # Half outputs of autocast become float32, as the eval's loss sees them.
+        outputs.append((out.float() if out.dtype in (torch.float16, torch.bfloat16) else out).cpu())
+    if not outputs:
+        return None
+    return torch.as_tensor(list(run.loader.sampler), dtype=torch.long), torch.cat(outputs)
 
 
 def write_out(path: str, data: bytes) -> None:

@@ -231,6 +231,8 @@ def _broken(mlp_run: Path, tmp_path: Path, kind: str) -> Path:
         os.remove(run_dir / "model.pt")
     elif kind == "model object":
         config.write_text(config.read_text() + "  model: Net\n")  # what run.py records for dtrain.train(model=Net)
+    elif kind == "loss object":
+        config.write_text(config.read_text() + "  loss: my_loss\n")
     elif kind == "factory gone":
         text = config.read_text()
         assert "model:\n  name: mlp\n" in text
@@ -244,6 +246,7 @@ FAILURES = [
     ("no weights", [], "has no weights to load"),
     ("model object", [], "trained on a model handed to dtrain.train (model=Net)"),
     ("factory gone", [], "tests.workers.gone"),
+    ("loss object", [], "trained on a loss handed to dtrain.train (loss=my_loss)"),
     ("ok", ["model.hidden=[16]"], "do not fit the model"),
     ("ok", ["train.epocs=1"], "did you mean 'train.epochs'"),
     ("ok", ["--checkpoint", "best"], "has no best weights (no model_best.pt and no checkpoints/best.json"),
@@ -259,7 +262,9 @@ def test_a_failure_is_one_line_and_exit_2(mlp_run: Path, tmp_path: Path, capsys:
     code, out, err = _eval_here([str(run_dir), *args], capsys)
     (line,) = err.strip().splitlines()
     assert code == 2 and line.startswith("dtrain.eval: error: ") and says in line, err
-    if not args or args[0] == "--checkpoint":  # the same problem through the Python door
+    if kind == "loss object":  # a model needs no loss
+        assert isinstance(dtrain.load(run_dir)[0], nn.Module)
+    elif not args or args[0] == "--checkpoint":  # the same problem through the Python door
         with pytest.raises(DTrainError, match="^" + re.escape(line.split(": error: ", 1)[1])):
             dtrain.load(run_dir, args[1] if args else "last")
 

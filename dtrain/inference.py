@@ -44,6 +44,8 @@ CHOICES = ("last", "best", "ema")
 
 @dataclass(frozen=True)
 class Weights:
+    """Weights found in a run, and where."""
+
     state: Mapping[str, Any]
     """A state dict of the plain model, on the CPU."""
     source: str
@@ -264,8 +266,8 @@ def open_run(run_dir: str, checkpoint: str = "last", overrides: Sequence[str] = 
             data = build_data(cfg, task)
             chosen = data.eval if split == "eval" else data.train
             if chosen is None:
-                raise DTrainError(f"the run's data ({cfg.data.name}) has no eval set; --split train, or "
-                                  "data.name=... naming data with one")
+                raise DTrainError(f"the run's data ({cfg.data.name}) has no eval set; "
+                                  f"{'' if scoring else '--split train, or '}data.name=... naming data with one")
             model = rebuild_model(cfg, data, weights)
             # The run's own eval loader (a shard per rank, no padding), over the chosen split; a score is taken
             # on the samples the run's evals took (eval.max_batches), predictions on every sample.
@@ -338,5 +340,4 @@ def write_out(path: str, data: bytes) -> None:
 
 
 __all__ = ["CHOICES", "Weights", "run_config", "find_weights", "rebuild_model", "load_model", "Opened", "open_run",
-           "predict",
-           "write_out"]
+           "predict", "write_out"]

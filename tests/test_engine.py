@@ -205,21 +205,29 @@ def test_dtrains_own_duties_raise_at_once() -> None:
 
 
 @pytest.mark.multiproc
-def test_a_request_made_on_one_rank_is_acted_on_by_every_rank_at_the_same_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_a_request_made_on_one_rank_is_acted_on_by_every_rank_at_the_same_step(tmp_path: Path, nproc: int) -> None:
     out = tmp_path / "run"
-    result = worker(2, "callback_requests.py", [str(out)])
-    rows = {r["rank"]: r for r in map(json.loads, (line for line in result.stdout.splitlines()
-                                                   if line.startswith("{")))}
-    assert set(rows) == {0, 1}
-    steps, saves = rows[0]["steps"], rows[0]["saves"]
-    assert rows[1]["steps"] == steps and rows[1]["saves"] == saves  # both ranks did the same
+    result = worker(nproc, "callback_requests.py", [str(out)])
+    rows = {r: json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)}
+    first = rows[0]
+    for r in range(1, nproc):  # every rank did the same, at the same steps
+        assert {k: rows[r][k] for k in ("steps", "saves", "evals", "ended")} == \
+            {k: first[k] for k in ("steps", "saves", "evals", "ended")}
+    steps, saves, evals = first["steps"], first["saves"], first["evals"]
     last = steps[-1]
-    assert steps == list(range(1, last + 1)) and 3 < last < 500  # stopped, a round or two after step 3
-    # rank 0's save, agreed a round after step 2, then the stop's own save at the last step.
-    assert len(saves) == 2 and 2 < saves[0] <= last and saves[1] == last
+    # Each request is agreed at the round after it (rounds come every ~0.2 s of steps, at most 100 steps).
+    assert steps == list(range(1, last + 1)) and 100 < last < 4000 // (4 * nproc)  # stopped before the end
+    # The last rank's save, agreed after step 2, then the stop's own save at the last step.
+    assert len(saves) == 2 and 2 < saves[0] < last and saves[1] == last
+    assert len(evals) == 1 and 40 < evals[0] < last  # its eval, agreed after step 40
+    assert first["ended"]  # a callback's stop finishes the run
     committed = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert committed[-1] == f"step-{last:09d}"
-    assert f"stopped by a signal or a callback on another rank at step {last}" in result.stdout
+    assert f"stopped by a signal or a callback on another rank at step {last}; the run is finished" in result.stdout
+    finished = json.loads((out / "checkpoints" / "finished.json").read_text())
+    assert finished["step"] == last and (out / "model.pt").exists()
+    print(f"{nproc} ranks: save asked at 2 -> {saves[0]}, eval at 40 -> {evals[0]}, stop at 100 -> {last}")
 
 
 class Counting(Callback):

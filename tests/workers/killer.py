@@ -2,7 +2,8 @@
 
 DTRAIN_TEST_KILL=backward:N kills the whole job (torchrun and every rank) at rank 0's N-th
 backward of this attempt (with K=2, an odd N is inside an accumulation window);
-DTRAIN_TEST_KILL=save:N kills it half-way through writing rank 0's N-th checkpoint file.
+DTRAIN_TEST_KILL=save:N kills it half-way through writing rank 0's N-th checkpoint file;
+DTRAIN_TEST_KILL=pointer:N kills it right before rank 0's N-th checkpoints/best.json (checkpoint.monitor).
 That is `kill -9` of the job at a precise moment, so the test does not depend on timing.
 """
 
@@ -67,6 +68,19 @@ def install(spec: str) -> None:
             return real_save(obj, f, *args, **kwargs)
 
         dtrain.checkpoint.store.torch.save = save  # type: ignore[attr-defined]
+    elif what == "pointer":
+        import dtrain.callbacks.best
+
+        real_write = dtrain.callbacks.best.write_atomic
+
+        def write(path, data):  # type: ignore[no-untyped-def]
+            if str(path).endswith("best.json"):
+                count[0] += 1
+                if count[0] == target:
+                    kill_job()
+            return real_write(path, data)
+
+        dtrain.callbacks.best.write_atomic = write  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def test_a_stop_asked_on_every_rank_saves_that_step_and_ends_there() -> None:
 
 def test_a_user_callback_that_raises_stops_the_run_naming_the_callback_the_hook_and_the_step() -> None:
     rec = Recorder({4: "raise"})
-    with pytest.raises(DTrainError, match=r"^Recorder.on_step_end raised ValueError: a callback broke "
+    with pytest.raises(DTrainError, match=r"^Recorder.on_step_end raised ValueError at step 4: a callback broke "
                                           r"\(at test_engine.py:\d+\)$") as info:
         _fit([rec])
     assert rec.calls[-2:] == [("boundary", 4), ("exception", 4)]  # stopped at the boundary of that step

@@ -250,7 +250,7 @@ class _Guarded:
             self.hook(run)
         except Exception as exc:  # noqa: BLE001 - reported, the same step on every rank, by the loop
             if self.requests.failure is None:
-                failure = CallbackError(f"{self.owner}.{self.name} raised {type(exc).__name__}: "
+                failure = CallbackError(f"{self.owner}.{self.name} raised {type(exc).__name__} at step {run.step}: "
                                         f"{' '.join(str(exc).split())[:300]}{_where(exc)}")
                 failure.__cause__ = exc
                 label(failure, f"a callback at step {run.step}")

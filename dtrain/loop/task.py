@@ -170,10 +170,11 @@ class Task:
         return (losses if first is None else losses[:first]).sum()
 
     def eval_sums(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[loss, *metrics] summed over the batch, float64 for exact accumulation."""
+        """[loss, *metrics] summed over the batch in float64: each float32 value is exact there, so the sums
+        hardly depend on how the set was split into batches and shards (the same eval at any world size)."""
         out = _float(out)
-        values = [self.loss(out, y).sum()] + [m(out, y).sum() for m in self.metrics.values()]
-        return torch.stack([v.double() for v in values])
+        values = [self.loss(out, y)] + [m(out, y) for m in self.metrics.values()]
+        return torch.stack([v.double().sum() for v in values])
 
 
 def _float(out: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dtrain.callbacks.best import BEST, MODEL_BEST
 from dtrain.checkpoint import store
+from dtrain.checkpoint.store import BEST, MODEL_BEST, MODEL_EMA
 from dtrain.config import Config, load_config, yamlfile
 from dtrain.data.builtin import build_datasets
 from dtrain.data.download import fetch_datasets
@@ -127,7 +127,7 @@ def _read_pointer(path: str) -> dict[str, Any]:
 
 
 def _ema(run_dir: str) -> Weights:
-    path = os.path.join(run_dir, "model_ema.pt")
+    path = os.path.join(run_dir, MODEL_EMA)
     if os.path.isfile(path):
         done = store.finished(run_dir)
         return Weights(_read_file(path), f"{path} (step {done.get('step')})" if done else path)
@@ -174,7 +174,7 @@ def _read_file(path: str) -> Mapping[str, Any]:
 
 def _inventory(run_dir: str) -> str:
     """What weights the run has, for the line that says which are missing."""
-    files = [name for name in ("model.pt", MODEL_BEST, "model_ema.pt")
+    files = [name for name in ("model.pt", MODEL_BEST, MODEL_EMA)
              if os.path.isfile(os.path.join(run_dir, name))]
     steps = [str(f.step) for f in store.committed(run_dir)]
     has = files + ([f"checkpoints of steps {', '.join(steps)}"] if steps else [])

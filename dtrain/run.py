@@ -16,7 +16,7 @@ from dtrain.callbacks.stack import build_duties, build_extras
 from dtrain.checkpoint.rundir import decide_start
 from dtrain.checkpoint.saving import Checkpointer, load_states
 from dtrain.checkpoint.slurm import requeue_slurm_job
-from dtrain.checkpoint.store import mark_finished
+from dtrain.checkpoint.store import MODEL_EMA, mark_finished
 from dtrain.config import Config, global_batch, to_dict, to_yaml
 from dtrain.errors import DTrainError
 from dtrain.loggers import MultiLogger, null_logger, open_loggers
@@ -133,7 +133,7 @@ def _finish(cfg: Config, state: TrainState, outcome: FitResult) -> None:
     out = cfg.output_dir
 
     def write() -> None:
-        for name, tensors in (("model.pt", weights), ("model_ema.pt", ema)):
+        for name, tensors in (("model.pt", weights), (MODEL_EMA, ema)):
             if tensors is not None:
                 buf = io.BytesIO()
                 torch.save(tensors, buf)

@@ -102,11 +102,14 @@ def test_an_attempt_that_died_before_its_first_checkpoint_restarts_and_keeps_its
 def test_overwrite_replaces_the_whole_earlier_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["data.name=synthetic", "train.max_steps=2", "log.tensorboard=true", f"output_dir={out}"]
-    train(load_config(None, args), environ={})
+    train(load_config(None, [*args, "ema.decay=0.9", "checkpoint.monitor=loss"]), environ={})
+    assert (out / "model_ema.pt").exists() and (out / "model_best.pt").exists()
     (out / "curves.png").write_bytes(b"stale")
     train(load_config(None, [*args, "overwrite=true", "train.max_steps=3"]), environ={})
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert not (out / "curves.png").exists()
+    # Nothing of the earlier run stays beside the new one's files: no average, no best weights of another run.
+    assert not (out / "curves.png").exists() and not (out / "model_ema.pt").exists()
+    assert not (out / "model_best.pt").exists() and not (out / "checkpoints" / "best.json").exists()
     assert records(out, "train")[-1]["step"] == 3 and len(records(out, "eval")) == 1
 
 

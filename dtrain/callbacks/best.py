@@ -23,8 +23,7 @@ from dtrain.checkpoint import store
 from dtrain.loop.hooks import Callback, RunView
 from dtrain.runtime.files import write_atomic
 
-BEST = "best.json"
-MODEL_BEST = "model_best.pt"
+BEST, MODEL_BEST = store.BEST, store.MODEL_BEST
 
 
 class BestCheckpoints(Callback):

@@ -20,7 +20,8 @@ from dtrain.runtime.files import write_atomic
 
 # What a run writes into output_dir; overwrite=true removes all of it (and nothing else), so a
 # replaced run leaves no stale event file, plot, weights or checkpoint behind.
-RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model.pt", "curves.png", "tensorboard", "wandb", checkpoint.SUBDIR)
+RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model.pt", checkpoint.MODEL_BEST, checkpoint.MODEL_EMA, "curves.png",
+               "tensorboard", "wandb", checkpoint.SUBDIR)
 MARKER = ".dtrain-run"
 """Written first into every output_dir a run claims: only a directory holding it is dtrain's to resume or replace."""
 NOT_A_RUN = ("lr_find",)

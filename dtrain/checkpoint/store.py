@@ -38,6 +38,10 @@ SUBDIR = "checkpoints"
 STATE = "state.pt"
 COMMIT = "commit.json"
 FINISHED = "finished.json"
+BEST = "best.json"
+"""checkpoints/best.json: which checkpoint is best by checkpoint.monitor (dtrain/callbacks/best.py writes it)."""
+MODEL_BEST = "model_best.pt"
+MODEL_EMA = "model_ema.pt"
 _PREFIX = "step-"
 
 

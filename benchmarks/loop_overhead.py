@@ -14,7 +14,9 @@ so its ratio to plain fit is the cost of being preemptible. Two more run fit
 with train.on_nonfinite=stop (the default of a real run: device flags, checked
 at logging steps) and =skip (plus a device copy of parameters and optimizer
 state per step, to undo a bad step without a host sync): their ratios to plain
-fit (train.on_nonfinite=ignore) are the cost of watching for NaN.
+fit (train.on_nonfinite=ignore) are the cost of watching for NaN. The last runs fit with
+ema.decay (dtrain/callbacks/ema.py: one pass over the weights per step, and an eval of the average at
+each eval): its ratio to plain fit is the EMA's cost.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dtrain.config import load_config
 from dtrain.data.builtin import build_datasets
 from dtrain.data.loaders import build_loaders
 from dtrain.runtime.dist import distributed
+from dtrain.callbacks.ema import EMA
 from dtrain.callbacks.stack import build_duties
 from dtrain.loop.engine import FitPlan, fit
 from dtrain.runtime.env import detect_launch
@@ -69,7 +72,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             return time.perf_counter() - t
 
-        def dtrain_loop(signals: object = None, on_nonfinite: str = "ignore") -> float:
+        def dtrain_loop(signals: object = None, on_nonfinite: str = "ignore", ema: bool = False) -> float:
             model = build_model(cfg.model, data.input_shape, data.num_classes)
             per_epoch = loaders.train.steps_per_epoch
             loop, _ = build_train_state(cfg, dist_state, model, EPOCHS * per_epoch)
@@ -79,21 +82,24 @@ def main() -> None:
             # fit evaluates each epoch; subtract nothing, since eval is part of what a user runs,
             # but keep the eval set small so the comparison is about the train loop.
             # With `signals`, the stop-signal agreement of a real run runs; no checkpoint is due.
+            task = build_task("cross_entropy", [], "input", "target")
+            extras = [EMA(0.999, task, loaders.eval)] if ema else []
             duties = build_duties(loop, null_logger(), Progress("none", EPOCHS * per_epoch, False), guard=guard,
-                                  signals=signals)  # type: ignore[arg-type]
-            fit(loop, build_task("cross_entropy", [], "input", "target"), loaders.train, loaders.eval, plan, duties)
+                                  signals=signals, extras=extras)  # type: ignore[arg-type]
+            fit(loop, task, loaders.train, loaders.eval, plan, duties)
             if dist_state.device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t
 
         hand_written()  # warm-up: allocator, kernels, worker start
-        hand, ours, checked, stop, skip = [], [], [], [], []  # type: ignore[var-annotated]
+        hand, ours, checked, stop, skip, ema = [], [], [], [], [], []  # type: ignore[var-annotated]
         for _ in range(REPEATS):
             ours.append(dtrain_loop())
             hand.append(hand_written())
             checked.append(dtrain_loop(StopSignals(["SIGUSR1", "SIGUSR2"])))
             stop.append(dtrain_loop(on_nonfinite="stop"))
             skip.append(dtrain_loop(on_nonfinite="skip"))
+            ema.append(dtrain_loop(ema=True))
         samples = EPOCHS * len(data.train)
         if dist_state.is_main:
             # The median of alternating runs: a load spike hits one run, not one side.
@@ -108,6 +114,10 @@ def main() -> None:
             print(f"ratio with the per-step stop check / without: {o / c:.3f}")
             print(f"ratio train.on_nonfinite=stop / ignore: {o / statistics.median(stop):.3f}")
             print(f"ratio train.on_nonfinite=skip / ignore: {o / statistics.median(skip):.3f}")
+            e = statistics.median(ema)
+            steps = EPOCHS * loaders.train.steps_per_epoch
+            print(f"ratio with ema.decay / without: {o / e:.3f} ({(e - o) / steps * 1e3:.3f} ms a step, the "
+                  "average's evals included)")
 
 
 if __name__ == "__main__":

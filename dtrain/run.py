@@ -121,7 +121,8 @@ def _fit(setup: Setup, given: Given, logger: MultiLogger, progress: Progress, si
                           cfg.checkpoint.every_minutes, setup.callbacks, list(extras.values()))
     outcome = fit(state, setup.task, setup.loaders.train, setup.loaders.eval, plan_for(cfg), duties)
     ema = extras.get("ema")
-    outcome.ema_weights = ema.weights() if isinstance(ema, EMA) and not outcome.paused else None
+    if isinstance(ema, EMA) and not outcome.paused and setup.dist_state.is_main:  # rank 0 writes it
+        outcome.ema_weights = ema.weights()
     return outcome
 
 

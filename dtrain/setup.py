@@ -186,6 +186,8 @@ class _Built:
 
 def check_monitors(cfg: Config, task: Task, has_eval: bool) -> None:
     """early_stop.monitor and checkpoint.monitor name an eval value this run computes, and it has an eval set."""
+    if cfg.eval.every_steps is not None and not has_eval:
+        raise ConfigError("eval.every_steps", cfg.eval.every_steps, "null for a run without eval data")
     for key in ("early_stop.monitor", "checkpoint.monitor"):
         section, field_name = key.split(".")
         name = getattr(getattr(cfg, section), field_name)
@@ -199,6 +201,7 @@ def check_monitors(cfg: Config, task: Task, has_eval: bool) -> None:
 
 def _build_on_this_rank(cfg: Config, given: Given, dist_state: DistState, precision: Precision) -> _Built:
     """Local work only (no collective), so that a failure here can be agreed on."""
+    callbacks = [*build_callbacks(cfg.callbacks), *given.callbacks]  # first: a typo'd name fails before the data
     task = build_task_for(cfg, given)
     # Seeding right before data and model makes the initial weights a function of
     # train.seed alone: identical on every rank, in train() and in lr_find().
@@ -210,7 +213,7 @@ def _build_on_this_rank(cfg: Config, given: Given, dist_state: DistState, precis
     check_first_batch(parts.model, task, data, dist_state.device, given.model_label(cfg), cfg.data.batch_size,
                       precision.autocast)
     check_monitors(cfg, task, data.eval is not None)
-    return _Built(task, data, loaders, parts, [*build_callbacks(cfg.callbacks), *given.callbacks])
+    return _Built(task, data, loaders, parts, callbacks)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import dtrain
 from dtrain.callbacks.best import BestCheckpoints
 from dtrain.checkpoint import store
 from dtrain.loop.record import Record
+from dtrain.runtime.dist import DistState
 
 N, B = 24, 4
 
@@ -74,7 +75,8 @@ class _Run:
         model = nn.Linear(1, 1)
         model.load_state_dict(weights)
         strategy = type("S", (), {"model_state": staticmethod(lambda m: m.state_dict())})()
-        self.state = type("State", (), {"strategy": strategy, "model": model})()
+        alone = DistState("test", 0, 0, 1, "gloo", torch.device("cpu"))
+        self.state = type("State", (), {"strategy": strategy, "model": model, "dist": alone})()
 
     def request_save(self, all_ranks: bool = False) -> None:
         assert all_ranks
@@ -104,3 +106,7 @@ def test_retention_spares_the_best_and_a_kill_before_the_pointers_is_repaired_on
     # The next save may now drop step 1: nothing points to it.
     _save(tmp_path, 5, again, w[5])
     assert {f.step for f in store.committed(str(tmp_path))} == {4, 5}
+    # Resumed with another monitor, the list ranked by the old one is not taken over.
+    other = BestCheckpoints(str(tmp_path), "accuracy", "max", keep_best=1)
+    other.load_state_dict(again.state_dict())
+    assert other.best == [] and again.best == [(0.4, 4)]

@@ -31,7 +31,8 @@ def expected_stop(values: list[tuple[int, float]], patience: int, mode: str, min
     """The step of the eval after which the rule stops, from (step, value) pairs; None if it never does."""
     best, bad = None, 0
     for step, v in values:
-        better = best is None or (v < best - min_delta if mode == "min" else v > best + min_delta)
+        is_number = v == v  # a NaN never counts as an improvement
+        better = is_number and (best is None or (v < best - min_delta if mode == "min" else v > best + min_delta))
         if better:
             best, bad = v, 0
         else:
@@ -76,6 +77,7 @@ def test_the_run_stops_at_the_eval_the_rule_picks_and_ends_finished(tmp_path: Pa
     ("min", [3.0, 2.0, 2.5, 2.4, 1.0, 1.1, 1.2], 2, 0.0),
     ("max", [0.1, 0.2, 0.2, 0.25, 0.26, 0.3], 2, 0.02),
     ("min", [1.0, float("nan"), 0.9, 0.95, float("nan")], 2, 0.0),
+    ("min", [float("nan")] * 3, 2, 0.0),  # never a number: stops all the same
 ])
 def test_the_callback_counts_as_the_rule_does(mode: str, values: list[float], patience: int, delta: float) -> None:
     cb = EarlyStopping("loss", mode, patience, delta)

@@ -67,27 +67,30 @@ def _plain_ema(initial: dict[str, torch.Tensor], seq: list[dict[str, torch.Tenso
     return ema
 
 
-def test_the_average_is_the_textbook_ema_of_the_steps_that_stood(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_nonfinite, skipped, d", [("skip", {3, 7}, D), ("stop", set(), 0.9)])
+def test_the_average_is_the_textbook_ema_of_the_steps_that_stood(tmp_path: Path, on_nonfinite: str,
+                                                                 skipped: set[int], d: float) -> None:
+    """skip: the flag is a device tensor (the factors come from it); stop: every step stands (a host bool)."""
     train, held = _data()
     rec = Weights()
-    skipped = {3, 7}
     dtrain.train(model=lambda: nn.Linear(3, 2), train_data=train, eval_data=held, loss=NanAt(skipped),
                  overrides=[f"output_dir={tmp_path}", f"data.batch_size={B}", "train.epochs=2", "log.progress=none",
-                            f"ema.decay={D}", "train.on_nonfinite=skip", "train.max_skipped_steps=5",
+                            f"ema.decay={d}", f"train.on_nonfinite={on_nonfinite}", "train.max_skipped_steps=5",
                             "optim.lr=0.5"], callbacks=[rec])
     steps = len(rec.seen)
     assert steps == 2 * N // B
     stood = [s not in skipped for s in range(1, steps + 1)]
-    # The skipped steps left the weights as they were: the recorder sees that, the EMA must not count them.
-    assert torch.equal(rec.seen[2]["weight"], rec.seen[1]["weight"])
-    want = _plain_ema(rec.initial, rec.seen, stood, D)
+    want = _plain_ema(rec.initial, rec.seen, stood, d)
     got = torch.load(tmp_path / "model_ema.pt")
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
-    # Counting the skipped steps would give another average: the test can tell the two apart.
-    wrong = _plain_ema(rec.initial, rec.seen, [True] * steps, D)
-    assert not torch.allclose(got["weight"], wrong["weight"], rtol=1e-6, atol=1e-7)
+    if skipped:
+        # The skipped steps left the weights as they were: the recorder sees that, the EMA must not count them.
+        assert torch.equal(rec.seen[2]["weight"], rec.seen[1]["weight"])
+        # Counting the skipped steps would give another average: the test can tell the two apart.
+        wrong = _plain_ema(rec.initial, rec.seen, [True] * steps, d)
+        assert not torch.allclose(got["weight"], wrong["weight"], rtol=1e-6, atol=1e-7)
     # model.pt holds the weights themselves, not the average.
     assert torch.equal(torch.load(tmp_path / "model.pt")["weight"], rec.seen[-1]["weight"])
 

@@ -86,7 +86,8 @@ def _final_states(run: Path) -> dict:
 @pytest.mark.timeout(500)
 def test_kill_9_at_random_points_then_rerun_ends_with_the_same_decisions_and_bitwise_weights(tmp_path: Path) -> None:
     """Early stopping, the best checkpoints, the EMA and a user callback (from the config) all keep state; the job
-    is killed inside steps, half-way through a checkpoint file and between a best checkpoint and its pointer."""
+    is killed inside steps, half-way through a checkpoint file, between a best checkpoint and its pointer, and
+    between the early stop's checkpoint and model.pt."""
     args = [*DIVERGING, "train.epochs=3", "eval.every_steps=3", "early_stop.monitor=loss", "early_stop.patience=7",
             "checkpoint.monitor=accuracy", "checkpoint.mode=max", "checkpoint.keep_best=2", "checkpoint.keep=1",
             "checkpoint.every_steps=5", "ema.decay=0.9", "optim.lr=0.01",
@@ -94,7 +95,8 @@ def test_kill_9_at_random_points_then_rerun_ends_with_the_same_decisions_and_bit
     ref = tmp_path / "uninterrupted"
     dtrain(2, [*args, f"output_dir={ref}"])
     run = tmp_path / "killed"
-    kills = ["pointer:1", "backward:7", "save:2", "backward:9"]
+    # The last kill comes after the early stop's checkpoint, before model.pt: the rerun must end, not train on.
+    kills = ["pointer:1", "backward:7", "save:2", "backward:9", "model:1"]
     for spec in [*kills, ""]:
         res = torchrun(2, [str(WORKERS / "killer.py"), *args, f"output_dir={run}"],
                        env={"DTRAIN_TEST_KILL": spec} if spec else {})

@@ -20,6 +20,7 @@ import torch
 
 from dtrain.callbacks.monitor import eval_value
 from dtrain.checkpoint import store
+from dtrain.errors import DTrainError
 from dtrain.loop.hooks import Callback, RunView
 from dtrain.runtime.files import write_atomic
 
@@ -56,8 +57,10 @@ class BestCheckpoints(Callback):
             run.request_save(all_ranks=True)
 
     def on_fit_start(self, run: RunView) -> None:
-        if not run.is_main:
-            return
+        # Rank 0 looks and writes; a failure there (a full disk) reaches every rank as one line.
+        run.state.dist.run_on_main(self._repair, share_result=False)
+
+    def _repair(self) -> None:
         pointer = _read_pointer(self.output_dir)
         self._pointed = pointer.get("step")
         if not self.best or pointer.get("best") == self._listed():
@@ -75,31 +78,41 @@ class BestCheckpoints(Callback):
         new_best = self.best[0][1] == run.step
         # Every rank asks: a sharded model's weights are gathered.
         weights = run.state.strategy.model_state(run.state.model) if new_best else None
-        if run.is_main:
-            self._write_pointers(weights)
+        run.state.dist.run_on_main(lambda: self._write_pointers(weights), share_result=False)
 
     def _write_pointers(self, weights: Optional[dict[str, Any]]) -> None:
         """model_best.pt (when the best changed), then best.json: the pointer moves only once the weights are
         there."""
         value, step = self.best[0]
-        if weights is not None:
-            buf = io.BytesIO()
-            torch.save(weights, buf)
-            write_atomic(os.path.join(self.output_dir, MODEL_BEST), buf.getvalue())
         pointer = {"step": step, "checkpoint": store.dir_name(step), "monitor": self.monitor, "mode": self.mode,
                    "value": value, "best": self._listed()}
-        write_atomic(os.path.join(store.checkpoints_dir(self.output_dir), BEST),
-                     json.dumps(pointer, allow_nan=True).encode())
+        files = [(os.path.join(self.output_dir, MODEL_BEST), weights),
+                 (os.path.join(store.checkpoints_dir(self.output_dir), BEST), pointer)]
+        for path, content in files:
+            if content is None:
+                continue
+            if path.endswith(".json"):
+                data = json.dumps(content, allow_nan=True).encode()
+            else:
+                buf = io.BytesIO()
+                torch.save(content, buf)
+                data = buf.getvalue()
+            try:
+                write_atomic(path, data)
+            except OSError as exc:
+                raise DTrainError(f"cannot write {path}: {exc.strerror or exc}") from None
         self._pointed = step
 
     def _listed(self) -> list[dict[str, Any]]:
         return [{"step": s, "value": v} for v, s in self.best]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": [[v, s] for v, s in self.best]}
+        return {"best": [[v, s] for v, s in self.best], "monitor": self.monitor, "mode": self.mode}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = [(float(v), int(s)) for v, s in state["best"]]
+        if (state.get("monitor"), state.get("mode")) != (self.monitor, self.mode):
+            return  # ranked by another value or order: this run's best begin again (the old pointer is spared)
+        self.best = [(float(v), int(s)) for v, s in state["best"]][:self.keep_best]
 
 
 def _read_pointer(output_dir: str) -> dict[str, Any]:

@@ -32,8 +32,9 @@ class EarlyStopping(Callback):
             return
         self.bad_evals += 1
         if self.bad_evals >= self.patience:
+            best = "none was a number" if self.best is None else f"best {self.best:.6g} at step {self.best_step}"
             run.request_stop(f"early stopping: eval {self.monitor} did not improve for {self.bad_evals} "
-                             f"evaluations (best {self.best:.6g} at step {self.best_step})", all_ranks=True)
+                             f"evaluations ({best})", all_ranks=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}

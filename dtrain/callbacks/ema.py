@@ -37,6 +37,7 @@ class EMA(Callback):
         self._live: list[torch.Tensor] = []
         self._live_copied: list[torch.Tensor] = []
         self._saved: Optional[dict[str, torch.Tensor]] = None
+        self._scratch: list[torch.Tensor] = []
 
     def bind(self, state: TrainState) -> None:
         """Start from the model's weights, or from the average a checkpoint gave back."""
@@ -63,9 +64,15 @@ class EMA(Callback):
         if applied is False:
             return
         if isinstance(applied, torch.Tensor):
-            keep = torch.where(applied, self.decay, 1.0)  # 1: a step undone on the device leaves it as it was
+            # Factors 1 and 0 for a step undone on the device: the average stays as it was, with no host read.
+            keep = torch.where(applied, self.decay, 1.0)
+            take = torch.where(applied, 1.0 - self.decay, 0.0)
+            if len(self._scratch) != len(self._live):
+                self._scratch = [torch.empty_like(t) for t in self._live]  # once: no allocation per step
+            torch._foreach_copy_(self._scratch, self._live)
+            torch._foreach_mul_(self._scratch, take)
             torch._foreach_mul_(self.averaged, keep)
-            torch._foreach_add_(self.averaged, torch._foreach_mul(self._live, 1.0 - keep))
+            torch._foreach_add_(self.averaged, self._scratch)
         else:
             torch._foreach_mul_(self.averaged, self.decay)
             torch._foreach_add_(self.averaged, self._live, alpha=1.0 - self.decay)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from dtrain.config import DataConfig
 from dtrain.data.batches import TensorBatches, batched_source
@@ -82,10 +82,9 @@ def _eval_loader(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSta
     if data.eval is None:
         return None
     dataset = data.eval
-    if max_batches is not None and max_batches * cfg.eval_batch_size < len(dataset):  # type: ignore[arg-type]
-        # The first samples of the set, then sharded: the same subset at any number of processes.
-        dataset = Subset(dataset, range(max_batches * cfg.eval_batch_size))
-    sampler = ShardSampler(dataset, dist_state.rank, dist_state.world_size)
+    # The first samples of the set, then sharded: the same subset at any number of processes.
+    limit = None if max_batches is None else max_batches * cfg.eval_batch_size
+    sampler = ShardSampler(dataset, dist_state.rank, dist_state.world_size, limit)
     reader = _fast_reader(dataset, cfg, dist_state.device, "eval")
     if reader is not None:
         return TensorBatches(reader, sampler, cfg.eval_batch_size, dist_state.device if cfg.device_resident else None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
@@ -53,10 +53,12 @@ class TrainShard:
 
 
 class ShardSampler(Sampler[int]):
-    """Rank r gets indices r, r+W, ...: every sample on exactly one rank, no padding."""
+    """Rank r gets indices r, r+W, ...: every sample on exactly one rank, no padding. `limit`: only the first
+    `limit` samples of the set (the same ones at any world size)."""
 
-    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
-        self.indices = range(rank, len(dataset), world_size)  # type: ignore[arg-type]  # map-style datasets are sized
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, limit: Optional[int] = None) -> None:
+        n = len(dataset)  # type: ignore[arg-type]  # map-style datasets are sized
+        self.indices = range(rank, n if limit is None else min(n, limit), world_size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

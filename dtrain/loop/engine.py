@@ -93,6 +93,9 @@ def _fit(state: TrainState, task: Task, train: TrainSource, eval_data: Any, plan
     run, hooks = d.run, d.hooks
     state.model.train()
     hooks.fit_start(run)
+    if state.finished_by is not None:  # its finishing stop was saved, but the job died before the end
+        run.eval, run.stopping, d.finishing = state.finished_by["eval"], state.finished_by["stopped_by"], True
+        return _stopped(run, d)
     while not plan.done(state.epoch, state.step):
         # Closed when left: an epoch that max_steps cuts short counts as ended, as its records say.
         with closing(train.windows(state.epoch)) as windows:
@@ -130,10 +133,11 @@ def _fit(state: TrainState, task: Task, train: TrainSource, eval_data: Any, plan
 
 
 def _stopped(run: RunView, d: Duties) -> FitResult:
-    result = FitResult(run.eval, run.stopping, paused=not d.finishing)
     if d.finishing:
         _end(d)
-    return result
+    else:
+        _raise_failures(d)  # a pause (a signal) must not hide a user's hook that failed
+    return FitResult(run.eval, run.stopping, paused=not d.finishing)
 
 
 def _end(d: Duties) -> None:
@@ -174,6 +178,8 @@ def _boundary(state: TrainState, task: Task, eval_data: Any, d: Duties) -> bool:
             _evaluate(state, task, eval_data, d, f"the eval at step {state.step}")
             decision = d.steering.after_eval(decision)
         d.run.stopping, d.finishing = decision.stop, decision.finish
+        if decision.finish:
+            state.finished_by = {"stopped_by": decision.stop, "eval": d.run.eval}  # in the checkpoint below
         if decision.save:
             with phase(f"the checkpoint at step {state.step}"):
                 d.hooks.save(d.run)

@@ -205,24 +205,32 @@ class Hooks:
         run.record = None
         _each(self._calls["on_step_end"], run, "on_step_end after")
 
+    # The hooks below are called where the loop names what it is doing (the checkpoint, the eval, ...): a
+    # failure of dtrain's own duty there is labelled by that, not as a callback's.
+
     def log(self, run: RunView) -> None:
-        _each(self._calls["on_log"], run, "on_log at")
+        for hook in self._calls["on_log"]:
+            hook(run)
 
     def epoch_end(self, run: RunView) -> None:
-        _each(self._calls["on_epoch_end"], run, "on_epoch_end at")
+        for hook in self._calls["on_epoch_end"]:
+            hook(run)
 
     def eval_end(self, run: RunView, record: Record) -> None:
         run.record, run.eval, run.eval_step = record, dict(record.values), record.step
-        _each(self._calls["on_eval_end"], run, "on_eval_end at")
+        for hook in self._calls["on_eval_end"]:
+            hook(run)
 
     def boundary(self, run: RunView) -> None:
         _each(self._calls["on_boundary"], run, "on_boundary after")
 
     def save(self, run: RunView) -> None:
-        _each(self._calls["on_save"], run, "on_save at")
+        for hook in self._calls["on_save"]:
+            hook(run)
 
     def fit_end(self, run: RunView) -> None:
-        _each(self._calls["on_fit_end"], run, "on_fit_end at")
+        for hook in self._calls["on_fit_end"]:
+            hook(run)
 
     def exception(self, run: RunView, exc: BaseException) -> None:
         """Every callback hears of it; one that fails here must not hide the error itself."""

@@ -34,6 +34,10 @@ class TrainState:
     """Epochs completed."""
     skipped_steps: int = 0
     """fp16 steps whose gradients overflowed; the scaler skipped them and the schedule did not advance."""
+    finished_by: Optional[dict[str, Any]] = None
+    """{"stopped_by": why, "eval": the last eval} once a stop that finishes the run (early stopping, a callback's)
+    was decided: saved with its checkpoint, so a job that dies before writing model.pt ends on the rerun
+    instead of training on."""
     applied: Any = True
     """Whether the last step's update stood: a bool, or under train.on_nonfinite=skip a 0-dim bool device
     tensor (never read on the host). False after an fp16 overflow the GradScaler skipped."""
@@ -54,6 +58,7 @@ class TrainState:
             "step": self.step,
             "epoch": self.epoch,
             "skipped_steps": self.skipped_steps,
+            "finished_by": self.finished_by,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -63,3 +68,4 @@ class TrainState:
         self.precision.load_state_dict(state.get("scaler"))
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.finished_by = state.get("finished_by")

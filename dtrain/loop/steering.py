@@ -69,6 +69,8 @@ class Steering:
         decision = Decision(stop, stop is not None and (r.finish_now or agreed[1]),
                             stop is not None or r.save_now or agreed[2], r.eval_now or agreed[3], agreed[4])
         r.stop_now, r.finish_now, r.save_now, r.eval_now = None, False, False, False
+        # Only what still waits for a round keeps the boundaries off the fast path.
+        r.pending = r.stop is not None or r.save or r.eval or r.failure is not None
         if decision.stop is not None or decision.save or decision.eval or decision.failed:
             return decision
         return NOTHING
@@ -77,10 +79,13 @@ class Steering:
         """At a boundary that evaluated: what the eval's callbacks asked for on every rank alike (early
         stopping, a best checkpoint) joins this boundary's decision, so it acts at the eval's own step."""
         r = self.requests
-        stop = decision.stop or r.stop_now
         finish = decision.finish or (r.stop_now is not None and r.finish_now)
+        stop = decision.stop or r.stop_now
+        if r.stop_now is not None and r.finish_now and not decision.finish:
+            stop = r.stop_now  # the run ends with the finishing stop's reason, not a pause's at the same boundary
         save = decision.save or r.save_now or stop is not None
         r.stop_now, r.finish_now, r.save_now, r.eval_now = None, False, False, False
+        r.pending = r.stop is not None or r.save or r.eval or r.failure is not None
         return Decision(stop, finish, save, decision.eval, decision.failed)
 
     def settle(self) -> None:

@@ -3,7 +3,8 @@
 DTRAIN_TEST_KILL=backward:N kills the whole job (torchrun and every rank) at rank 0's N-th
 backward of this attempt (with K=2, an odd N is inside an accumulation window);
 DTRAIN_TEST_KILL=save:N kills it half-way through writing rank 0's N-th checkpoint file;
-DTRAIN_TEST_KILL=pointer:N kills it right before rank 0's N-th checkpoints/best.json (checkpoint.monitor).
+DTRAIN_TEST_KILL=pointer:N kills it right before rank 0's N-th checkpoints/best.json (checkpoint.monitor);
+DTRAIN_TEST_KILL=model:N kills it right before rank 0's N-th model.pt (after the final checkpoint).
 That is `kill -9` of the job at a precise moment, so the test does not depend on timing.
 """
 
@@ -68,6 +69,19 @@ def install(spec: str) -> None:
             return real_save(obj, f, *args, **kwargs)
 
         dtrain.checkpoint.store.torch.save = save  # type: ignore[attr-defined]
+    elif what == "model":
+        import dtrain.run
+
+        real_bytes = dtrain.run.write_bytes
+
+        def write_bytes(path, data):  # type: ignore[no-untyped-def]
+            if str(path).endswith("model.pt"):
+                count[0] += 1
+                if count[0] == target:
+                    kill_job()
+            return real_bytes(path, data)
+
+        dtrain.run.write_bytes = write_bytes  # type: ignore[attr-defined]
     elif what == "pointer":
         import dtrain.callbacks.best
 

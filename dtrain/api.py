@@ -53,7 +53,8 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
         eval_data=None with train_data given means no evaluation.
     loss: a built-in name (cross_entropy, mse, l1, smooth_l1, bce_with_logits), a torch loss module
         (used with reduction='none'), or a function of (outputs, targets) returning one loss per sample.
-    config: a YAML path or a Config object; overrides: 'key=value' strings on top, as on the CLI.
+    config: a YAML path, a preset's name (e.g. 'mnist_mlp', see configs/) or a Config object; overrides:
+        'key=value' strings on top, as on the CLI.
     metrics: extra eval metrics, {name: function of (outputs, targets) -> one value per sample}.
     callbacks: `dtrain.Callback` objects, called on every rank after dtrain's own (see dtrain/loop/hooks.py).
     """

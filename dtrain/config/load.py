@@ -14,7 +14,7 @@ import dataclasses
 import os
 from typing import Any, Optional, Sequence, Union
 
-from dtrain.config import typed, yamlfile
+from dtrain.config import presets, typed, yamlfile
 from dtrain.config.schema import Config
 from dtrain.config.validate import validate
 from dtrain.errors import ConfigError, DTrainError
@@ -56,7 +56,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 def load_config(config_file: Union[str, "os.PathLike[str]", Sequence[str], None] = None,
                 overrides: Sequence[str] = (), base_config: Optional[Config] = None) -> Config:
     """Build the run's config: defaults (or `base_config`) <- YAML files, in order <- overrides, in order
-    (a key given twice: the later wins); DTrainError on bad input. Imports no torch."""
+    (a key given twice: the later wins); DTrainError on bad input. Imports no torch.
+    A file is a path, or a preset's name (`mnist_mlp`: configs/mnist_mlp.yaml, as the package carries it)."""
     if config_file is None:
         files: list[str] = []
     elif isinstance(config_file, (str, os.PathLike)):
@@ -70,7 +71,7 @@ def load_config(config_file: Union[str, "os.PathLike[str]", Sequence[str], None]
         cfg = Config()
     origins: dict[str, str] = {}  # key -> where a file set it, for the range checks' messages
     for path in files:
-        path = os.path.expanduser(path)
+        path = presets.resolve(os.path.expanduser(path))
         typed.merge(cfg, read_config_file(path), "", origins, path)
     for item in overrides:
         key, eq, text = item.partition("=")

@@ -21,12 +21,16 @@ EXIT_FAILURE = 1
 
 
 def parse_args(prog: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from dtrain.usage import epilog
+
     parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}",
+        prog=f"python -m {prog}", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog(),
         description="Data-parallel training on PyTorch DDP. Launch with torchrun, accelerate, srun or alone.")
-    parser.add_argument("--config", action="append", metavar="FILE.yaml",
-                        help="YAML file with config values (see configs/); given twice, both are merged in "
-                             "order, the later winning. A run's own config.yaml is accepted as it is")
+    parser.add_argument("--config", action="append", metavar="NAME|FILE.yaml",
+                        help="a preset's name (listed below) or a YAML file with config values; given twice, both "
+                             "are merged in order, the later winning. A run's own config.yaml is accepted as it is")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the config the run would use, as YAML, and exit: nothing is trained or written")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, applied after the files and in order (a key given twice: the "
                              "later wins), e.g. train.epochs=3 optim.lr=0.1")
@@ -62,7 +66,7 @@ def _enable_faulthandler() -> None:
 def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
     """Load the config, then import `body` ('package.module:function') and run it on the config;
     user errors become one line on stderr."""
-    from dtrain.config import load_config
+    from dtrain.config import load_config, to_yaml
 
     args = parse_args(prog, argv)
     cfg = None
@@ -70,6 +74,10 @@ def run_cli(prog: str, argv: Optional[Sequence[str]], body: str) -> int:
     def run() -> None:
         nonlocal cfg
         cfg = load_config(args.config, args.overrides)
+        if args.show_config:
+            # What a run's config.yaml would hold, less its runtime section (known only once launched).
+            sys.stdout.write(to_yaml(cfg))
+            return
         # Imported only now: the training code pulls in torch, which a config error never waits for.
         module, _, function = body.partition(":")
         # __import__, not importlib.import_module: the latter bypasses -X importtime's log.

@@ -31,6 +31,8 @@ def other_lines(stderr: str) -> list[str]:
     (["-m", "dtrain", "optim.lr=inf"], 2, "config key 'optim.lr' has value 'inf'; allowed: a finite number"),
     (["-m", "dtrain", "--config", "{broken}"], 2, "line 3: while parsing a flow sequence"),
     (["-m", "dtrain", "--config", "{missing}"], 2, "not found"),
+    (["-m", "dtrain", "--config", "mnist"], 2, "config 'mnist' is neither a preset nor a file; presets: "),
+    (["-m", "dtrain", "--show-config", "train.bogus=1"], 2, "config key 'train.bogus' has value '1'"),
     (["-m", "dtrain.lr_find", "--help"], 0, ""),
     (["-m", "dtrain.lr_find", "lr_find.num_steps=1"], 2, "config key 'lr_find.num_steps' has value 1"),
     (["-m", "dtrain.plot", "--help"], 0, ""),

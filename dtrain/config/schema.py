@@ -11,6 +11,8 @@ from dtrain.config.typed import MISSING
 
 @dataclass
 class DataConfig:
+    """The data set, how it is batched, and the synthetic data's shape."""
+
     name: str = "digits"
     """Dataset: digits (bundled with scikit-learn), synthetic, mnist, fashion_mnist, cifar10, or a user factory
     'package.module:function' returning (train_dataset, eval_dataset) or a dtrain.Datasets. The factory is
@@ -55,6 +57,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The model: a built-in or a factory, its initialisation, and which parameters train."""
+
     name: str = "mlp"
     """mlp | cnn | a user factory 'package.module:function', e.g. torchvision.models:resnet18. It is called
     with those of input_shape and num_classes it names (num_classes is the number of outputs: the classes,
@@ -72,6 +76,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """The training loss and the extra eval metrics."""
+
     name: str = "cross_entropy"
     """cross_entropy | mse | l1 | smooth_l1 | bce_with_logits | a function 'package.module:function' of
     (outputs, targets) returning one loss per sample (shape [batch]); see dtrain/loop/task.py."""
@@ -83,6 +89,8 @@ class LossConfig:
 
 @dataclass
 class ParamGroupConfig:
+    """One entry of optim.param_groups."""
+
     params: str = MISSING
     """Glob over parameter names (as in model.named_parameters()), e.g. '0.*' or '*.bias'."""
     lr: Optional[float] = None
@@ -93,9 +101,13 @@ class ParamGroupConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimizer, and per-layer settings by parameter-name globs."""
+
     name: str = "sgd"
     """sgd | adam | adamw."""
     lr: float = 0.05
+    """Learning rate (the schedule's peak); parameters matched by no group, or by a group without its own lr,
+    use it."""
     momentum: float = 0.9
     """sgd only."""
     dampening: float = 0.0
@@ -103,6 +115,8 @@ class OptimConfig:
     nesterov: bool = False
     """sgd only; needs momentum > 0 and dampening == 0."""
     weight_decay: float = 0.0
+    """Weight decay, as torch's optimizer applies it (decoupled for adamw, added to the gradient for sgd and
+    adam); parameters matched by no group, or by a group without its own, use it."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """adam/adamw only."""
     eps: float = 1e-8
@@ -115,6 +129,8 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
+    """The learning-rate schedule, counted in optimizer steps."""
+
     name: str = "constant"
     """constant | step | cosine | linear; all count optimizer steps."""
     warmup_steps: int = 0
@@ -129,7 +145,10 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
+    """How long and how each step trains: steps, seed, precision, accumulation, clipping, device."""
+
     epochs: int = 20
+    """Passes over the training set; train.max_steps may stop the run earlier."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (across epochs); unset means run all epochs."""
     seed: int = 0
@@ -165,8 +184,8 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    """One process is not wrapped in DDP at all (dtrain/parallel/single.py): the DDP knobs below apply from 2
-    processes."""
+    """How the processes work together: backend, strategy, timeouts, and DDP's knobs, which apply from 2
+    processes (one process is not wrapped in DDP at all: dtrain/parallel/single.py)."""
 
     backend: str = "auto"
     """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
@@ -206,14 +225,20 @@ class DistConfig:
 
 @dataclass
 class LogConfig:
+    """What rank 0 logs where: metrics.jsonl always, W&B and TensorBoard when asked, the console."""
+
     every_steps: int = 10
     """Log the train loss averaged over this many optimizer steps."""
     wandb: bool = False
+    """Log to Weights & Biases (the wandb extra); W&B's own environment variables (WANDB_MODE, ...) apply."""
     project: Optional[str] = None
     """W&B project; unset leaves it to WANDB_PROJECT or W&B's default."""
     entity: Optional[str] = None
+    """W&B entity (user or team); unset leaves it to WANDB_ENTITY or W&B's default."""
     run_name: Optional[str] = None
+    """W&B run name; unset: W&B picks one."""
     tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
     tensorboard: bool = False
     """Write TensorBoard event files under <output_dir>/tensorboard/."""
     progress: str = "auto"
@@ -222,6 +247,8 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When checkpoints are saved and kept, what a stop signal does, and the best checkpoints."""
+
     every_steps: Optional[int] = None
     """Save every this many optimizer steps; unset: only at the end and on preemption."""
     every_minutes: Optional[float] = None
@@ -253,6 +280,8 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """When the eval set is scored (always at each epoch's end when there is one), and on how much of it."""
+
     every_steps: Optional[int] = None
     """Evaluate every this many optimizer steps as well as at each epoch's end (an epoch of tens of thousands
     of steps is otherwise blind until it ends); unset: at epoch ends only. The trained weights are the same
@@ -264,6 +293,8 @@ class EvalConfig:
 
 @dataclass
 class EarlyStopConfig:
+    """Finish the run once an eval value stops improving."""
+
     monitor: Optional[str] = None
     """Stop the run when this eval value (loss, or a metric's name) has not improved for early_stop.patience
     evaluations; the run then ends as finished (model.pt, finished.json), and a rerun says so. Decided from
@@ -278,6 +309,8 @@ class EarlyStopConfig:
 
 @dataclass
 class EmaConfig:
+    """An exponential moving average of the weights."""
+
     decay: Optional[float] = None
     """Keep an exponential moving average of the weights, ema = decay * ema + (1 - decay) * weights, after each
     optimizer step that was applied (not one skipped by the fp16 GradScaler or train.on_nonfinite=skip).
@@ -287,6 +320,8 @@ class EmaConfig:
 
 @dataclass
 class CallbackConfig:
+    """A user callback by import path, built on every rank (one item of the callbacks list)."""
+
     name: str = MISSING
     """A factory 'package.module:Name' returning a dtrain.Callback (a Callback subclass is a factory)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -295,9 +330,14 @@ class CallbackConfig:
 
 @dataclass
 class LRFindConfig:
+    """The learning-rate range test (python -m dtrain.lr_find); a training run ignores it."""
+
     start_lr: float = 1e-5
+    """The lr of the test's first step."""
     end_lr: float = 10.0
+    """The lr of its last step; the lr grows exponentially in between."""
     num_steps: int = 100
+    """Optimizer steps of the test, unless the loss diverges first."""
     smoothing: float = 0.05
     """Weight of the newest loss in the exponential moving average."""
     diverge_factor: float = 4.0
@@ -306,6 +346,8 @@ class LRFindConfig:
 
 @dataclass
 class Config:
+    """The whole run: one section per part, plus the callbacks and where the run writes."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -84,7 +84,7 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
 def load(run_dir: Union[str, "os.PathLike[str]"], checkpoint: Union[str, "os.PathLike[str]"] = "last",
          overrides: Sequence[str] = ()) -> tuple[nn.Module, Config]:
     """A finished (or stopped) run's model and config: `(model, config)`, the plain nn.Module in eval mode on the
-    CPU with the chosen weights loaded, rebuilt from <run_dir>/config.yaml with `overrides` on top.
+    CPU with the chosen weights loaded, rebuilt from `<run_dir>/config.yaml` with `overrides` on top.
 
     checkpoint: last (model.pt of a finished run, else the newest checkpoint) | best (model_best.pt, else the
         checkpoint that checkpoints/best.json names) | ema (model_ema.pt, else the newest checkpoint's EMA) |

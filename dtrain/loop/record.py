@@ -14,7 +14,7 @@ NOT_ON_DASHBOARDS = {"samples"}
 @dataclass(frozen=True)
 class Record:
     split: str
-    """train | train_epoch | eval"""
+    """train | train_epoch | eval | eval_ema"""
     step: int
     """Optimizer steps taken so far (starts at 1)."""
     epoch: int

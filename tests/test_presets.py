@@ -13,6 +13,7 @@ from helpers import REPO
 
 def test_every_file_in_configs_is_a_preset_by_name() -> None:
     written = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    assert not list((REPO / "configs").glob("*.yml"))  # the wheel ships *.yaml (pyproject.toml's package-data)
     assert written and presets.names() == written
     for name in written:
         assert load_config(name) == load_config(str(REPO / "configs" / f"{name}.yaml"))

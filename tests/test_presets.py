@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dtrain.config import load_config, presets
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, DTrainError
 from helpers import REPO
 
 
@@ -40,3 +40,12 @@ def test_an_unknown_name_lists_the_presets_in_one_line() -> None:
 def test_messages_name_the_file_a_user_can_open() -> None:
     # In a clone that is configs/ itself, not the package's link to it.
     assert presets.resolve("mnist_mlp") == str((REPO / "configs" / "mnist_mlp.yaml").resolve())
+
+
+def test_a_presets_path_outside_a_clone_names_the_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DTrainError, match=r"^config file 'configs/mnist_mlp.yaml' not found "
+                                          r"\(the preset by name: mnist_mlp\)$"):
+        load_config("configs/mnist_mlp.yaml")
+    with pytest.raises(DTrainError, match=r"^config file 'mine.yaml' not found$"):
+        load_config("mine.yaml")

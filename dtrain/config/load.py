@@ -34,7 +34,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         tree = yamlfile.read(path)
     except FileNotFoundError:
         # Not a ConfigFileError: another node may lack a file that rank 0 has, so every rank says it.
-        raise DTrainError(f"config file '{path}' not found") from None
+        raise DTrainError(f"config file '{path}' not found{presets.hint(path)}") from None
     except IsADirectoryError:
         raise ConfigFileError(path, "a directory; allowed: a YAML file") from None
     except OSError as exc:

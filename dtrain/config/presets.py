@@ -40,3 +40,9 @@ def resolve(text: str) -> str:
     available = ", ".join(names()) or "none installed"
     raise ConfigError("", text, available, f"config '{text}' is neither a preset nor a file; presets: {available} "
                       "(or a path to a YAML file)")
+
+
+def hint(path: str) -> str:
+    """For a missing file named like a preset (configs/mnist_mlp.yaml outside a clone): the preset's name."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    return f" (the preset by name: {stem})" if ext == SUFFIX and stem in names() else ""

@@ -1,6 +1,6 @@
 """Optimizers, per-layer parameter groups, LR schedules and the Loop's state round trip.
 
-Expected values are computed here from the formulas in the README, never by
+Expected values are computed here from the formulas in docs/guides/lr-finder.md, never by
 calling dtrain's own schedule code, so a wrong formula in dtrain fails.
 """
 
@@ -85,7 +85,7 @@ def test_lr_multiplier_matches_closed_form(name: str, warm: int, kw: dict[str, A
 
 
 def test_schedule_endpoints() -> None:
-    """The properties the README promises, independent of the exact formula."""
+    """The properties docs/guides/lr-finder.md promises, independent of the exact formula."""
     base, total = 0.2, 50
     cos = lr_multiplier(SchedConfig(name="cosine", warmup_steps=5, min_lr=0.02), base, total)
     peak = [base * cos(i) for i in range(total)]

@@ -85,6 +85,14 @@ SMALL = ["data.name=synthetic", "data.train_size=300", "data.batch_size=8", "tra
 STEPS = 40
 
 
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SMALL uninterrupted on 2 ranks: the reference the signal tests share (it is the same run for each)."""
+    ref = tmp_path_factory.mktemp("small") / "uninterrupted"
+    dtrain(2, [*SMALL, f"output_dir={ref}"])
+    return ref
+
+
 def _start(nproc: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "dtrain", *args]
@@ -129,10 +137,9 @@ def test_kill_9_at_random_points_then_rerun_gives_bitwise_the_same_weights(tmp_p
     run = tmp_path / "killed"
     rng = random.Random(" ".join(extra))  # a fixed schedule per case (str seeds do not depend on PYTHONHASHSEED)
     # 40 steps of 2 backwards each: each attempt is killed after a few backwards of its own (an odd
-    # count: inside an accumulation window) or half-way through its second checkpoint file, so the
-    # job is killed 6 times before the last attempt runs to the end.
-    kills = [f"backward:{rng.randint(1, 5) * 2 + 1}" for _ in range(3)] + ["save:2", f"backward:{rng.randint(2, 12)}",
-                                                                           "save:1"]
+    # count: inside an accumulation window; then any count) or half-way through its first or second
+    # checkpoint file, so the job is killed 4 times before the last attempt runs to the end.
+    kills = [f"backward:{rng.randint(1, 5) * 2 + 1}", "save:2", f"backward:{rng.randint(2, 12)}", "save:1"]
     for spec in [*kills, ""]:
         cmd = [str(WORKERS / "killer.py"), *args, f"output_dir={run}"]
         res = torchrun(2, cmd, env={"DTRAIN_TEST_KILL": spec} if spec else {})
@@ -156,9 +163,9 @@ def _pids(out: Path) -> dict[int, int]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("who, sig", [("rank1", signal.SIGUSR1), ("rank0", signal.SIGTERM), ("all", signal.SIGUSR2)])
 def test_a_signal_to_any_ranks_saves_the_same_step_on_all_and_resumes_exactly(tmp_path: Path, who: str,
-                                                                                 sig: signal.Signals) -> None:
-    ref = tmp_path / "uninterrupted"
-    dtrain(2, [*SMALL, f"output_dir={ref}"])
+                                                                                 sig: signal.Signals,
+                                                                                 small_reference: Path) -> None:
+    ref = small_reference
     run, marks = tmp_path / "signalled", tmp_path / "marks"
     marks.mkdir()
     proc = _start(2, [*SMALL, f"output_dir={run}"], {"DTRAIN_TEST_FORWARD_SLEEP_S": "0.02",
@@ -200,8 +207,8 @@ def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path: Path)
     assert proc.returncode == 0
     (saved,) = checkpoint.committed(str(run))
     assert saved.step % 10 not in (0,)  # part-way through an epoch (10 steps an epoch)
-    refused = dtrain(4, [*common, "data.batch_size=16", f"output_dir={run}"], check=False)
-    assert refused.returncode != 0 and "its global batch is 32, this run's is 64" in refused.stderr
+    refused = dtrain(0, [*common, "data.batch_size=16", f"output_dir={run}"], check=False)  # one process: cheap
+    assert refused.returncode != 0 and "its global batch is 32, this run's is 16" in refused.stderr
     dtrain(4, [*common, "data.batch_size=8", f"output_dir={run}"])
     _assert_each_step_once_and_same_as(ref, run, rel=1e-5)
     wa, wb = _weights(ref), _weights(run)

@@ -72,30 +72,25 @@ def install(spec: str) -> None:
     elif what == "model":
         import dtrain.run
 
-        real_bytes = dtrain.run.write_bytes
-
-        def write_bytes(path, data):  # type: ignore[no-untyped-def]
-            if str(path).endswith("model.pt"):
-                count[0] += 1
-                if count[0] == target:
-                    kill_job()
-            return real_bytes(path, data)
-
-        dtrain.run.write_bytes = write_bytes  # type: ignore[attr-defined]
+        _kill_before(dtrain.run, "write_bytes", "model.pt", target)
     elif what == "pointer":
         import dtrain.callbacks.best
 
-        real_write = dtrain.callbacks.best.write_atomic
+        _kill_before(dtrain.callbacks.best, "write_atomic", "best.json", target)
 
-        def write(path, data):  # type: ignore[no-untyped-def]
-            if str(path).endswith("best.json"):
-                count[0] += 1
-                if count[0] == target:
-                    kill_job()
-            return real_write(path, data)
 
-        dtrain.callbacks.best.write_atomic = write  # type: ignore[attr-defined]
+def _kill_before(module: object, name: str, suffix: str, target: int) -> None:
+    """Replace module.name(path, data) so that its target-th write of a file ending in `suffix` kills the job."""
+    real, count = getattr(module, name), [0]
 
+    def write(path, data):  # type: ignore[no-untyped-def]
+        if str(path).endswith(suffix):
+            count[0] += 1
+            if count[0] == target:
+                kill_job()
+        return real(path, data)
+
+    setattr(module, name, write)
 
 if __name__ == "__main__":
     if os.environ.get("DTRAIN_TEST_KILL"):

@@ -202,10 +202,31 @@ def test_a_users_own_script_is_requeued_by_rank_0(cluster: SlurmCluster, referen
 
 
 @pytest.mark.timeout(300)
+def test_a_usr1_to_the_whole_job_leaves_the_batch_shell_alive_and_requeues(
+        cluster: SlurmCluster, reference: Path, tmp_path: Path) -> None:
+    """`scancel --signal=USR1 --full`: the batch shell gets the signal as well as every rank. bash's
+    default for USR1 is to exit, which ended the job FAILED with no requeue; train.sbatch catches it."""
+    env = job_env(cluster, tmp_path, sleep_s=0.1)
+    job = cluster.sbatch(["--ntasks-per-node=2", "--cpus-per-task=1", str(REPO / "slurm" / "train.sbatch"), *ARGS,
+                          MODEL], env, tmp_path)
+    run, out = tmp_path / "runs" / f"slurm-{job}", tmp_path / f"slurm-{job}.out"
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 15, 120, "15 steps", cluster, out)
+    subprocess.run(["scancel", "--signal=USR1", "--full", str(job)], env=cluster.env(), check=True, timeout=30)
+    info = cluster.wait_done(job, timeout=200)
+    log = slurm_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
+    assert "the batch shell got SIGUSR1" in log and "stopped by SIGUSR1" in log, log
+    assert_same_as_reference(run, reference)
+
+
+@pytest.mark.timeout(300)
 def test_two_nodes_one_torchrun_each_requeued_resume_to_the_uninterrupted_weights(
         cluster2: SlurmCluster, reference: Path, tmp_path: Path) -> None:
     """train_torchrun.sbatch on 2 (emulated) nodes, one torchrun agent and one rank each, meeting at the
-    first node's rendezvous; `scontrol requeue` part-way, and the job comes back and finishes."""
+    first node's rendezvous. Part-way, USR2 to the batch shell alone (`scancel --batch`, as
+    `--signal=B:USR2@N` sends it): the script passes it on to the ranks, which save, and the job comes
+    back and finishes."""
     env = job_env(cluster2, tmp_path, sleep_s=0.1, extra={"NPROC_PER_NODE": "1"})
     job = cluster2.sbatch(["--nodes=2", "--cpus-per-task=1", str(REPO / "slurm" / "train_torchrun.sbatch"), *ARGS,
                            MODEL], env, tmp_path)
@@ -213,10 +234,11 @@ def test_two_nodes_one_torchrun_each_requeued_resume_to_the_uninterrupted_weight
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 15, 120, "15 steps", cluster2,
              out)
-    cluster2.scontrol("requeue", str(job))
+    subprocess.run(["scancel", "--signal=USR2", "--batch", str(job)], env=cluster2.env(), check=True, timeout=30)
     info = cluster2.wait_done(job, timeout=200)
     log = slurm_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
+    assert "the batch shell got SIGUSR2" in log and "stopped by SIGUSR2" in log, log
     assert info["NodeList"] == "dtrain-n[1-2]" and "resuming from" in log, (info, log)
     assert_same_as_reference(run, reference)
 
@@ -232,3 +254,5 @@ def test_slurm_scripts_are_valid_bash_and_set_up_for_clusters() -> None:
     torchrun_script = (Path(__file__).resolve().parent.parent / "slurm" / "train_torchrun.sbatch").read_text()
     assert "29500" not in torchrun_script and 'trap "" USR1 USR2' in torchrun_script
     assert "NPROC_PER_NODE" in torchrun_script
+    for script in sorted((Path(__file__).resolve().parent.parent / "slurm").glob("*.sbatch")):
+        assert "trap 'pass_on USR1' USR1" in script.read_text(), script.name

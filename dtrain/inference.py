@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dtrain.checkpoint import store
+from dtrain.checkpoint.integrity import zip_problem
 from dtrain.checkpoint.store import BEST, MODEL_BEST, MODEL_EMA
 from dtrain.config import Config, load_config, yamlfile
 from dtrain.data.builtin import build_datasets
@@ -163,6 +164,13 @@ def _from_checkpoint(path: str) -> Weights:
 
 
 def _read_file(path: str) -> Mapping[str, Any]:
+    # torch.load does not check the CRC-32s torch.save wrote: damaged weights would load without a word.
+    try:
+        wrong = zip_problem(path)
+    except OSError as exc:
+        raise DTrainError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if wrong is not None:
+        raise DTrainError(f"cannot use {wrong}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one line

@@ -266,7 +266,8 @@ def _resume(start: Optional[Start], cfg: Config, state: TrainState, loaders: Loa
     if start is None or start.checkpoint is None:
         return None
     path = start.checkpoint
-    # Rank 0 reads it (the only rank sure to see rank 0's storage) and shares it.
-    payload = state.dist.run_on_main(lambda: store.load(path))
+    # Rank 0 reads it (the only rank sure to see rank 0's storage) and shares it; decide_start has just checked
+    # its checksums (reading it through), so it is not read through twice.
+    payload = state.dist.run_on_main(lambda: store.load(path, verify=False))
     restore(state, payload, cfg, loaders.train, meter, path)
     return Resumed(path, state.step, payload.get("wandb_id"), payload.get("states") or {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class Start:
     """An earlier attempt of this run died before its first checkpoint: start again, replacing its logs."""
     replace: bool = False
     """overwrite=true over an earlier run: its outputs go, but only once the new run is set up."""
+    set_aside: tuple[str, ...] = ()
+    """Damaged checkpoints newer than `checkpoint`: renamed out of the way (store.set_aside) once the run is set up."""
 
 
 def new_run_dir(root: str = "runs") -> str:
@@ -81,6 +84,9 @@ def decide_start(cfg: Config) -> Start:
         if not checkpoint.is_committed(start.checkpoint):
             raise ConfigError("resume", cfg.resume, "auto | never | a committed checkpoint directory "
                               f"(one holding {checkpoint.COMMIT}), e.g. {checkpoint.checkpoints_dir(path)}/step-...")
+        wrong = checkpoint.problem(start.checkpoint)
+        if wrong is not None:
+            raise DTrainError(f"cannot resume from {cfg.resume}: {wrong}; nothing was trained")
         step = checkpoint.step_of(start.checkpoint)
         later = [f.path for f in checkpoint.committed(path) if f.step > step]
         if later or checkpoint.finished(path) is not None:
@@ -89,9 +95,11 @@ def decide_start(cfg: Config) -> Start:
             raise ConfigError("resume", cfg.resume, f"a checkpoint no older than the newest in {path} "
                               f"({later[-1] if later else 'the run there finished'}); to branch off an earlier "
                               "step, resume from it into a new output_dir")
-    elif cfg.resume == "auto" and checkpoint.committed(path):
-        latest = checkpoint.committed(path)[-1].path
-        start = Start(path, checkpoint=latest, finished=checkpoint.finished(path))
+    elif cfg.resume == "auto" and checkpoint.committed(path) and checkpoint.finished(path) is not None:
+        # Nothing is trained from it: no need to read it through.
+        start = Start(path, checkpoint=checkpoint.committed(path)[-1].path, finished=checkpoint.finished(path))
+    elif cfg.resume == "auto" and checkpoint.step_dirs(path):
+        start = _newest_intact(path)
     elif cfg.resume == "auto" and died_early:
         start = Start(path, restart=True)
     elif has_run or os.path.isdir(checkpoint.checkpoints_dir(path)):
@@ -110,6 +118,8 @@ def claim(start: Start) -> None:
             _remove_outputs(path)
         if start.restart:
             _keep_aside(path)
+        for damaged in start.set_aside:
+            checkpoint.set_aside(damaged)
         os.makedirs(checkpoint.checkpoints_dir(path), exist_ok=True)
         marker = os.path.join(path, MARKER)
         if not os.path.exists(marker):
@@ -117,6 +127,21 @@ def claim(start: Start) -> None:
     except OSError as exc:
         raise DTrainError(f"cannot prepare the output directory {path}: {exc.strerror or exc}"
                           + (f" ({exc.filename})" if exc.filename else "")) from None
+
+
+def _newest_intact(path: str) -> Start:
+    """Continue from the newest checkpoint whose files are as committed, saying which newer ones are damaged; stop
+    if none is (never from garbage, and never from scratch over a run that had checkpoints)."""
+    good, damaged = checkpoint.newest_intact(path)
+    what = "; ".join(d.problem for d in damaged)
+    if good is None:
+        raise DTrainError(f"{what}; no intact checkpoint is left to resume from, so nothing was trained (restore "
+                          "it from a copy, or start over with overwrite=true or a new output_dir)")
+    if damaged:
+        names = ", ".join(os.path.basename(d.path) for d in damaged)
+        print(f"dtrain: {what}; resuming from {os.path.basename(good.path)} instead ({names} set aside as "
+              f"<name>{checkpoint.DAMAGED})", file=sys.stderr, flush=True)
+    return Start(path, checkpoint=good.path, set_aside=tuple(d.path for d in damaged))
 
 
 def _check_ours(path: str) -> None:

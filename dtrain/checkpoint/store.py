@@ -3,7 +3,8 @@
 Layout, under <output_dir>/checkpoints/:
 
     step-000000120/state.pt      everything a run needs to continue (see TrainState.checkpoint)
-    step-000000120/commit.json   written last: {"step", "epoch", "files": {name: bytes}}
+    step-000000120/commit.json   written last: {"step", "epoch", "files": {name: bytes}, "sha256": {name: hex}}
+    step-000000090.damaged/      a checkpoint found damaged on resume, set aside (never resumed or deleted)
     finished.json                the run ended; which checkpoint holds its end
 
 A save writes into a temporary sibling directory, fsyncs every file and the
@@ -11,7 +12,8 @@ directory, writes commit.json, and renames the directory into place: a crash
 or a full disk at any point leaves either the complete new checkpoint or none
 (its temporary directory is cleared by the next save), and the previous ones
 untouched. Older checkpoints are deleted only after the new one is committed.
-Only directories whose commit.json matches their files are ever resumed from.
+Only directories whose commit.json matches their files are ever resumed from: listing checks the sizes,
+resuming also the checksums (dtrain/checkpoint/integrity.py), and a resume falls back past damaged ones.
 
 Global rank 0 writes everything (the other ranks' RNG states are gathered to
 it first), so a multi-node job writes each checkpoint once, on whatever
@@ -31,6 +33,7 @@ from typing import Any, Collection, Optional
 
 import torch
 
+from dtrain.checkpoint.integrity import ALGORITHM, files_problem, save_hashed
 from dtrain.errors import DTrainError
 from dtrain.runtime.files import fsync_dir, write_atomic
 
@@ -43,6 +46,7 @@ BEST = "best.json"
 MODEL_BEST = "model_best.pt"
 MODEL_EMA = "model_ema.pt"
 _PREFIX = "step-"
+DAMAGED = ".damaged"
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -62,15 +66,16 @@ class Found:
 
 def committed(output_dir: str) -> list[Found]:
     """Committed checkpoints under output_dir, oldest first; half-written ones are not listed."""
+    return [f for f in step_dirs(output_dir) if is_committed(f.path)]
+
+
+def step_dirs(output_dir: str) -> list[Found]:
+    """Every step-N directory, committed or not, oldest first."""
     root = checkpoints_dir(output_dir)
     if not os.path.isdir(root):
         return []
-    found = []
-    for name in os.listdir(root):
-        if name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit():
-            path = os.path.join(root, name)
-            if is_committed(path):
-                found.append(Found(path, int(name[len(_PREFIX):])))
+    found = [Found(os.path.join(root, name), int(name[len(_PREFIX):])) for name in os.listdir(root)
+             if name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit()]
     return sorted(found, key=lambda f: f.step)
 
 
@@ -87,6 +92,57 @@ def is_committed(path: str) -> bool:
         return all(os.path.getsize(os.path.join(path, name)) == size for name, size in commit["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def problem(path: str) -> Optional[str]:
+    """What is wrong with the checkpoint directory `path`, naming the file, or None when its files are the ones
+    committed: the sizes, and the checksums where commit.json has them (those of dtrain versions before them:
+    torch's own CRC-32s). Reads every file once."""
+    commit_path = os.path.join(path, COMMIT)
+    try:
+        with open(commit_path, encoding="utf-8") as f:
+            commit = json.load(f)
+        sizes = {str(name): int(size) for name, size in commit["files"].items()}
+        digests = commit.get(ALGORITHM)
+        if digests is not None and not isinstance(digests, dict):
+            raise TypeError(f"{ALGORITHM} is not a mapping")
+    except OSError as exc:
+        return f"{commit_path}: {exc.strerror or exc} (the checkpoint was never committed, or was cut)"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{commit_path}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})"
+    return files_problem(path, sizes, digests)
+
+
+@dataclass(frozen=True)
+class Damaged:
+    path: str
+    problem: str
+    """What is wrong, naming the file: one clause of a line."""
+
+
+def newest_intact(output_dir: str) -> tuple[Optional[Found], list[Damaged]]:
+    """The newest checkpoint whose files check out (`problem`), and the step-N directories newer than it, which do
+    not (newest first). Only these are read: an older checkpoint's damage shows when something reaches back to it."""
+    damaged = []
+    for found in reversed(step_dirs(output_dir)):
+        wrong = problem(found.path)
+        if wrong is None:
+            return found, damaged
+        damaged.append(Damaged(found.path, wrong))
+    return None, damaged
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged checkpoint directory to <name>.damaged (-2, -3 ... if taken): kept for a look, never
+    resumed from, and out of retention's count so it cannot make a good checkpoint the one deleted next."""
+    target = path + DAMAGED
+    n = 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{path}{DAMAGED}-{n}"
+    os.rename(path, target)
+    fsync_dir(os.path.dirname(path))
+    return target
 
 
 def finished(output_dir: str) -> Optional[dict[str, Any]]:
@@ -123,12 +179,10 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
             shutil.rmtree(final)
         os.makedirs(tmp)
         target = os.path.join(tmp, STATE)
-        with open(target, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        # Hashed as it is written: no second read. A full disk raises its OSError, not torch's RuntimeError.
+        digest = save_hashed(state, target)
         commit = {"step": step, "epoch": epoch, "saved_at": time.time(),
-                  "files": {STATE: os.path.getsize(target)}}
+                  "files": {STATE: os.path.getsize(target)}, ALGORITHM: {STATE: digest}}
         with open(os.path.join(tmp, COMMIT), "w", encoding="utf-8") as f:
             json.dump(commit, f)
             f.flush()
@@ -136,22 +190,33 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
         fsync_dir(tmp)
         os.rename(tmp, final)
         fsync_dir(root)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (a full disk) as RuntimeError
+    except (OSError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
-        raise DTrainError(f"cannot write the checkpoint of step {step} in {root}: {why}; "
-                          "the earlier checkpoints are untouched") from None
-    for old in committed(output_dir)[:-keep]:
-        if old.step not in keep_also:
+        if isinstance(exc, OSError):
+            where = exc.filename or root
+            why = exc.strerror or str(exc)
+        else:
+            where, why = root, " ".join(str(exc).split())[:200]
+        raise DTrainError(f"cannot write the checkpoint of step {step}: {where}: {why}; "
+                          f"the earlier checkpoints in {root} are untouched") from None
+    # Older than this one only: a newer directory is never the one to go. Uncommitted ones go too (a deletion cut
+    # short leaves them, and nothing resumes from them).
+    kept = {f.step for f in committed(output_dir)[-keep:]} | set(keep_also)
+    for old in step_dirs(output_dir):
+        if old.step < step and old.step not in kept:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
 
 
-def load(path: str) -> dict[str, Any]:
-    """A committed checkpoint's state, read with weights_only=True; one line if it is not usable."""
+def load(path: str, verify: bool = True) -> dict[str, Any]:
+    """A committed checkpoint's state, read with weights_only=True; one line if it is not usable. `verify`: check
+    the checksums first (False only where `problem` just did)."""
     if not is_committed(path):
         raise DTrainError(f"config key 'resume' has value {path!r}; allowed: auto | never | a committed "
                           f"checkpoint directory (one holding {COMMIT} and {STATE})")
+    wrong = problem(path) if verify else None
+    if wrong is not None:
+        raise DTrainError(f"cannot use the checkpoint {path}: {wrong}")
     try:
         state = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -33,11 +33,17 @@ from benchmarks import bench_data  # noqa: E402
 from dtrain.models.builtin import cnn, mlp  # noqa: E402
 
 BATCH, LR, MOMENTUM = 64, 0.05, 0.9
+# One GPU per process where there are GPUs (as dtrain picks), else the CPU.
+CUDA = torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if CUDA else torch.device("cpu")
 
 
 def build(workload: str) -> nn.Module:
     torch.manual_seed(0)
-    return mlp((784,), 10, [512, 512]) if workload == "mlp" else cnn((3, 32, 32), 10)
+    return (mlp((784,), 10, [512, 512]) if workload == "mlp" else cnn((3, 32, 32), 10)).to(device())
 
 
 def batches(loader: DataLoader, sampler: Any) -> Iterator[Any]:
@@ -60,6 +66,8 @@ def timed(step: Callable[[Any], None], source: Iterator[Any], warm: int, count: 
         window = [next(source) for _ in range(k)]
         wait += time.perf_counter() - t
         step(window)
+    if CUDA:  # the GPU's queue drained: the time is the work's, not its launch's
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {"samples_per_s": count // k * k * samples_per_micro / elapsed, "data_fraction": wait / elapsed}
 
@@ -67,7 +75,9 @@ def timed(step: Callable[[Any], None], source: Iterator[Any], warm: int, count: 
 def hand(workload: str, warm: int, count: int, world: int) -> dict[str, Any]:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    if CUDA:
+        torch.cuda.set_device(device())
+    dist.init_process_group("nccl" if CUDA else "gloo")
     data = getattr(bench_data, workload)(0).train
     sampler = DistributedSampler(data, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
@@ -79,6 +89,7 @@ def hand(workload: str, warm: int, count: int, world: int) -> dict[str, Any]:
         def step(window: list[Any]) -> None:
             opt.zero_grad()
             for j, (x, y) in enumerate(window):
+                x, y = x.to(device(), non_blocking=True), y.to(device(), non_blocking=True)
                 with model.no_sync() if j < len(window) - 1 else nullcontext():
                     (F.cross_entropy(model(x), y) / len(window)).backward()
             opt.step()
@@ -93,8 +104,8 @@ def hand(workload: str, warm: int, count: int, world: int) -> dict[str, Any]:
 def floor(workload: str, data: Any, warm: int, count: int) -> dict[str, float]:
     """The compute floor: the plain model on batches sliced beforehand; no loader, no DDP, no loss bookkeeping."""
     x, y = data.tensors
-    sliced = [(x[i * BATCH:(i + 1) * BATCH].clone(), y[i * BATCH:(i + 1) * BATCH].clone())
-              for i in range(warm + count)]
+    sliced = [(x[where].to(device(), copy=True), y[where].to(device(), copy=True))
+              for i in range(warm + count) for where in [slice(i * BATCH, (i + 1) * BATCH)]]
     model = build(workload)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
@@ -110,7 +121,7 @@ def floor(workload: str, data: Any, warm: int, count: int) -> dict[str, float]:
 def accelerate(workload: str, warm: int, count: int, world: int) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=not CUDA)
     data = getattr(bench_data, workload)(0).train
     out: dict[str, Any] = {}
     for k in (1, 4):

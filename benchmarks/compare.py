@@ -72,8 +72,10 @@ def run_dtrain(workload: str, world: int, k: int, warm: int, timed: int, extra: 
         rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"][1:]  # the first window is the warm-up
     seconds = [r["samples"] / r["samples_per_s"] for r in train]
+    peaks = [r["peak_memory_gb"] for r in train if "peak_memory_gb" in r]  # logged on CUDA only
     return {"samples_per_s": sum(r["samples"] for r in train) / sum(seconds),
-            "data_fraction": sum(r["data_time_fraction"] * s for r, s in zip(train, seconds)) / sum(seconds)}
+            "data_fraction": sum(r["data_time_fraction"] * s for r, s in zip(train, seconds)) / sum(seconds),
+            **({"peak_memory_gb": max(peaks)} if peaks else {})}
 
 
 def run_loop(impl: str, workload: str, world: int, warm: int, timed: int) -> dict[str, Any]:

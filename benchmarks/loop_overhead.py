@@ -1,6 +1,7 @@
 """dtrain's loop against a hand-written DDP loop on the same data, model and process group.
 
     python benchmarks/loop_overhead.py                     # one process
+    python benchmarks/loop_overhead.py --samples 2000 --repeats 1   # a smoke run: seconds, figures meaningless
     torchrun --standalone --nproc_per_node=2 benchmarks/loop_overhead.py
 
 Both loops run in this process, alternating, over the same DataLoader and a
@@ -22,6 +23,7 @@ each eval): its ratio to plain fit is the EMA's cost.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -50,7 +52,12 @@ EPOCHS, REPEATS = 2, 7
 
 
 def main() -> None:
-    cfg = load_config(None, ["data.name=synthetic", "data.train_size=20000", "data.batch_size=128",
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=20000, help="training samples an epoch")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="alternating runs of each variant")
+    args = parser.parse_args()
+    repeats = args.repeats
+    cfg = load_config(None, ["data.name=synthetic", f"data.train_size={args.samples}", "data.batch_size=128",
                              "data.num_features=256", "model.hidden=[512,512]", "log.every_steps=50"])
     with distributed(detect_launch(os.environ), "auto", "auto") as dist_state:
         torch.manual_seed(0)
@@ -94,7 +101,7 @@ def main() -> None:
 
         hand_written()  # warm-up: allocator, kernels, worker start
         hand, ours, checked, stop, skip, ema = [], [], [], [], [], []  # type: ignore[var-annotated]
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             ours.append(dtrain_loop())
             hand.append(hand_written())
             checked.append(dtrain_loop(StopSignals(["SIGUSR1", "SIGUSR2"])))
@@ -107,10 +114,10 @@ def main() -> None:
             h, o = statistics.median(hand), statistics.median(ours)
             print(f"world_size={dist_state.world_size} device={dist_state.device} samples/epoch={len(data.train)} "
                   f"epochs={EPOCHS}")
-            print(f"hand-written DDP loop: {samples / h:10.0f} samples/s (median of {REPEATS})")
-            print(f"dtrain fit:            {samples / o:10.0f} samples/s (median of {REPEATS}, incl. eval + logging)")
+            print(f"hand-written DDP loop: {samples / h:10.0f} samples/s (median of {repeats})")
+            print(f"dtrain fit:            {samples / o:10.0f} samples/s (median of {repeats}, incl. eval + logging)")
             c = statistics.median(checked)
-            print(f"dtrain fit + stop check:{samples / c:10.0f} samples/s (median of {REPEATS})")
+            print(f"dtrain fit + stop check:{samples / c:10.0f} samples/s (median of {repeats})")
             print(f"ratio dtrain / hand-written: {h / o:.3f}")
             print(f"ratio with the per-step stop check / without: {o / c:.3f}")
             print(f"ratio train.on_nonfinite=stop / ignore: {o / statistics.median(stop):.3f}")

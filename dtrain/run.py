@@ -13,6 +13,7 @@ import torch
 from dtrain.callbacks.best import BestCheckpoints
 from dtrain.callbacks.ema import EMA
 from dtrain.callbacks.stack import build_duties, build_extras
+from dtrain.checkpoint.lock import RunDirLock
 from dtrain.checkpoint.rundir import decide_start
 from dtrain.checkpoint.saving import Checkpointer, load_states
 from dtrain.checkpoint.slurm import requeue_slurm_job
@@ -47,7 +48,9 @@ class RunResult:
 def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optional[Given] = None) -> RunResult:
     """Run training under whatever launcher started this process: the one loop behind the CLI and the API."""
     given = given or Given()
-    with set_up(cfg, environ, lambda: decide_start(cfg), given=given) as setup:
+    # Rank 0 takes the output directory's lock as it decides where to start, and holds it until every
+    # file of the run is written and the process group is gone; the other ranks never take it.
+    with RunDirLock() as lock, set_up(cfg, environ, lambda: decide_start(cfg, lock), given=given) as setup:
         result = _run(setup, cfg, given)
     if result.requeue:
         # Last of all: the loggers are closed and the process group is gone, so the requeue's

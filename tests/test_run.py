@@ -125,7 +125,7 @@ def test_rank0_setup_failure_stops_every_rank_without_waiting_for_the_timeout(tm
     assert time.monotonic() - start < 90
     assert [r.returncode for r in results] == [2, 2]
     assert results[0].stderr.strip().startswith("dtrain: error: W&B could not start a run")
-    assert results[1].stderr.strip().startswith("dtrain: error (rank 1): W&B could not start a run")
+    assert "dtrain: error" not in results[1].stderr  # rank 0's error, relayed: said once, by rank 0
 
 
 @pytest.mark.multiproc

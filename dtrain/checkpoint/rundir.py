@@ -1,6 +1,7 @@
 """Where a run starts: a new output directory, an earlier run's newest checkpoint, or a run already finished.
 
-`decide_start` only looks; `claim` acts, once every rank is set up, so a run that fails to start leaves an
+`decide_start` only looks (after taking the directory's lock, `lock.py`, so that two jobs never decide
+on one directory at once); `claim` acts, once every rank is set up, so a run that fails to start leaves an
 earlier one as it was. Only a directory holding dtrain's marker is ever resumed or replaced.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from dtrain.checkpoint import store as checkpoint
+from dtrain.checkpoint.lock import LOCK_FILE, RunDirLock
 from dtrain.config import Config, resume_conflicts, to_dict
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.runtime.files import write_atomic
@@ -25,8 +27,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model.pt", checkpoint.MODEL_BEST
                "tensorboard", "wandb", checkpoint.SUBDIR)
 MARKER = ".dtrain-run"
 """Written first into every output_dir a run claims: only a directory holding it is dtrain's to resume or replace."""
-NOT_A_RUN = ("lr_find",)
-"""What dtrain writes into an output_dir outside a run (python -m dtrain.lr_find)."""
+NOT_A_RUN = ("lr_find", LOCK_FILE)
+"""What dtrain writes into an output_dir outside a run (python -m dtrain.lr_find, the lock any run takes first)."""
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,18 @@ def new_run_dir(root: str = "runs") -> str:
     raise DTrainError(f"cannot find a free run directory name under {root}")
 
 
-def decide_start(cfg: Config) -> Start:
+def decide_start(cfg: Config, lock: Optional[RunDirLock] = None) -> Start:
     """Rank 0: pick the output directory and what to continue from, refusing to clobber what is there.
 
     It only looks (and probes that it could write): deleting an earlier run, creating
     directories and the marker wait for `claim`, after the whole run is set up, so a
-    config, factory or dataset that fails leaves an earlier run as it was.
+    config, factory or dataset that fails leaves an earlier run as it was. `lock` is taken
+    on the directory before it is looked at, and refuses a directory another job is using.
     """
     path = os.path.expanduser(cfg.output_dir) if cfg.output_dir else new_run_dir()
-    _check_ours(path)
+    _check_ours(path)  # before the lock: someone else's directory gets no lock file either
+    if lock is not None:
+        lock.take(path)
     has_run = os.path.exists(os.path.join(path, "metrics.jsonl"))
     # dtrain creates checkpoints/ before it logs anything: a run with that directory, no committed
     # checkpoint, no finished.json and the same math in its config.yaml is an earlier attempt of

@@ -59,10 +59,11 @@ class DistState:
         Without this, a step that fails on rank 0 alone (an output directory
         that already holds a run, a logger that cannot start) leaves the other
         ranks waiting in their next collective until the timeout. Rank 0
-        re-raises its own exception; the others raise a DTrainError saying it.
+        re-raises its own exception; the others raise a DTrainError saying it,
+        marked as said by rank 0 where rank 0 prints its own (one line per job).
         `share_result=False` keeps an unpicklable result (an open logger) on rank 0.
         """
-        payload: list[Any] = [None, None]
+        payload: list[Any] = [None, None, False]
         result: Any = None
         error: Optional[BaseException] = None
         if self.is_main:
@@ -71,6 +72,7 @@ class DistState:
             except BaseException as exc:  # Ctrl-C on rank 0 must not leave the others in the broadcast
                 error = exc
                 payload[1] = str(exc) if isinstance(exc, DTrainError) else f"rank 0 failed: {type(exc).__name__}: {exc}"
+                payload[2] = isinstance(exc, Exception)  # a KeyboardInterrupt is not reported: let the others say it
             if share_result:
                 payload[0] = result
         if self.world_size > 1:
@@ -78,7 +80,10 @@ class DistState:
         if error is not None:
             raise error
         if payload[1] is not None:
-            raise DTrainError(payload[1])
+            relayed = DTrainError(payload[1])
+            if payload[2]:
+                setattr(relayed, SAID_BY_RANK_0, True)
+            raise relayed
         return result if self.is_main else payload[0]
 
 

@@ -1,0 +1,155 @@
+"""One run per directory at a time: rank 0 holds an OS lock on `<output_dir>/.dtrain-lock` for the run's life.
+
+flock(2), not a pid file: the kernel drops the lock when the holding process dies, however it dies (kill -9,
+the OOM killer, a node reboot), so a dead job never blocks the next one and there is no staleness to judge.
+The file also says who holds it (host, pid, start, Slurm job, command) for the refusal's one line; a file
+that nobody has locked means nothing, so it may stay behind.
+
+On NFS, Linux's client turns flock into a lock the server arbitrates across nodes (unless the share is mounted
+with local_lock=flock or all, where it guards one node only). Where the file system has no locks at all (Lustre
+mounted without -o flock, say), the run goes on unlocked and says so in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from typing import Optional
+
+from dtrain.errors import ConfigError, DTrainError
+from dtrain.runtime.startup import process_start
+
+LOCK_FILE = ".dtrain-lock"
+"""In output_dir while a run uses it; never a sign by itself that the directory holds a run."""
+
+# Locks the file system cannot take (as opposed to a lock someone else holds).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class RunDirLock:
+    """Taken by rank 0 once its run's directory is known (`take`), held until `release` or the process's end.
+
+    `take` refuses, in one line naming the holder, while any other process holds the directory, this one
+    included (a second `dtrain.train` in a thread). Used as a context manager, it is released on the way out,
+    so `dtrain.train` called twice in a row in one process takes it twice.
+    """
+
+    def __init__(self) -> None:
+        self._fd: Optional[int] = None
+        self._dir = ""
+        self._made_dir = False
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def take(self, directory: str) -> None:
+        if self._fd is not None:
+            raise DTrainError(f"internal: the run directory lock is already held on {self._dir}")
+        path = os.path.join(directory, LOCK_FILE)
+        while True:
+            try:
+                made = not os.path.isdir(directory)
+                os.makedirs(directory, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                continue  # a releasing run removed its empty directory between the two calls: make it again
+            except OSError as exc:
+                raise ConfigError("output_dir", directory, f"a writable directory ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DTrainError(f"output_dir {directory} is in use by another run: {holder(path)}; wait for it "
+                                  "to end, or choose another output_dir") from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                print(f"dtrain: warning: cannot lock {path} ({exc.strerror}): this file system has no locks, so "
+                      "nothing stops a second job from writing into the same output_dir", file=sys.stderr, flush=True)
+                return
+            # A release removes the file of an otherwise empty directory: if that came between our open and
+            # our lock, we hold a file nobody else will open. Open the one at the path now.
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        self._fd, self._dir, self._made_dir = fd, directory, made
+        try:
+            data = json.dumps(describe_this_process()).encode()
+            # Written over the old text, then cut: a reader never finds the file empty, and retries a mix.
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError:
+            pass  # the lock stands; only a refused job's message would say less
+
+    def release(self) -> None:
+        """Unlock; a directory left holding only the lock file (a run refused before it wrote anything) is
+        left as it was found: the file goes, and the directory too if `take` made it."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if os.listdir(self._dir) == [LOCK_FILE]:
+                # Removed while still locked: a job that opened it meanwhile sees it is gone and opens anew.
+                os.remove(os.path.join(self._dir, LOCK_FILE))
+                if self._made_dir:
+                    os.rmdir(self._dir)
+        except OSError:
+            pass  # a leftover lock file or empty directory blocks nothing
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> RunDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def describe_this_process() -> dict[str, object]:
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if argv:
+        argv[0] = os.path.basename(argv[0])
+    job = os.environ.get("SLURM_JOB_ID")
+    array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array[0] and array[1]:
+        job = f"{array[0]}_{array[1]} ({job})"
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(), "slurm_job": job,
+            "command": shlex.join(argv)}
+
+
+def holder(path: str, wait_s: float = 1.0) -> str:
+    """Who holds the lock, in words, from what its holder wrote into the file."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+            if isinstance(info, dict):
+                return _in_words(info)
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            # The holder has locked but not yet written (or cannot write): still refused, less said.
+            return "a run that has not said who it is"
+        time.sleep(0.05)
+
+
+def _in_words(info: dict[str, object]) -> str:
+    started = info.get("started")
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+            if isinstance(started, (int, float)) else "at an unknown time")
+    job = f", Slurm job {info['slurm_job']}" if info.get("slurm_job") else ""
+    return (f"pid {info.get('pid')} on {info.get('host')}, started {when}{job}, command: "
+            f"{info.get('command')}")

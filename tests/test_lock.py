@@ -1,0 +1,133 @@
+"""One run per directory at a time (checkpoint/lock.py): a second job into a directory in use stops in one line
+naming the holder, before it writes anything; a holder that died, even by kill -9, blocks nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dtrain.checkpoint.lock import LOCK_FILE, RunDirLock
+from dtrain.config import load_config
+from dtrain.errors import DTrainError
+from dtrain.run import train
+from helpers import REPO, child_env, records
+
+
+def test_a_held_directory_is_refused_naming_its_holder_until_released(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    first, second = RunDirLock(), RunDirLock()
+    first.take(str(tmp_path))
+    with pytest.raises(DTrainError) as refused:
+        second.take(str(tmp_path))  # another open of the file: refused even within one process
+    said = str(refused.value)
+    assert said.startswith(f"output_dir {tmp_path} is in use by another run: pid {os.getpid()} on "
+                           f"{socket.gethostname()}, started "), said
+    assert ", Slurm job 4242, command: " in said and "\n" not in said
+    assert not second.held
+    first.release()
+    second.take(str(tmp_path))
+    second.release()
+
+
+def test_the_lock_file_alone_leaves_no_trace_and_is_no_run(tmp_path: Path) -> None:
+    from dtrain.checkpoint.rundir import decide_start
+
+    fresh = tmp_path / "new" / "run"
+    with RunDirLock() as lock:
+        lock.take(str(fresh))
+        assert os.listdir(fresh) == [LOCK_FILE]
+    assert not fresh.exists()  # made for the lock, and nothing else came: gone again
+    (tmp_path / "empty").mkdir()
+    with RunDirLock() as lock:
+        lock.take(str(tmp_path / "empty"))
+    assert os.listdir(tmp_path / "empty") == []
+    # A leftover lock file (its holder died before writing anything) makes no directory a run, nor someone else's.
+    (tmp_path / "left").mkdir()
+    (tmp_path / "left" / LOCK_FILE).write_text("{}")
+    cfg = load_config(None, ["data.name=synthetic", f"output_dir={tmp_path / 'left'}"])
+    start = decide_start(cfg)
+    assert (start.checkpoint, start.restart, start.replace) == (None, False, False)
+
+
+def test_a_run_holds_the_lock_only_while_it_runs_and_overwrite_waits_for_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", "log.progress=none", f"output_dir={out}"])
+    train(cfg, environ={})
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE}
+    with RunDirLock() as other:
+        other.take(str(out))  # released by the run that ended
+        overwrite = load_config(None, ["data.name=synthetic", "train.max_steps=2", "overwrite=true",
+                                       f"output_dir={out}"])
+        with pytest.raises(DTrainError, match=f"output_dir {out} is in use by another run: pid {os.getpid()}"):
+            train(overwrite, environ={})
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE} == before  # untouched
+    train(overwrite, environ={})  # the same process again, once the directory is free
+
+
+def _start(args: list[str], pids: Path, gate: Path) -> subprocess.Popen:
+    pids.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtrain", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env({"DTRAIN_TEST_PID_DIR": str(pids), "DTRAIN_TEST_GATE":
+                                                          str(gate)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end and proc.poll() is None, f"never saw {path}"
+        time.sleep(0.05)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_two_jobs_into_one_directory_one_runs_the_other_names_it_and_a_killed_one_blocks_nothing(
+        tmp_path: Path) -> None:
+    """The same 2-rank command twice at once; the winner waits (gated model) until the loser is out, then is
+    killed with SIGKILL, every process of it; the same command a third time goes ahead and logs each step once."""
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    # 64 samples, 2 ranks x 16: 2 steps an epoch, 4 in all; the gate holds the winner at its 3rd forward.
+    args = ["data.name=synthetic", "data.train_size=64", "data.batch_size=16", "train.epochs=2", "log.every_steps=1",
+            "log.progress=none", "model.name=tests.workers.gated_model:build", f"output_dir={out}"]
+    jobs = {"a": _start(args, tmp_path / "a", gate), "b": _start(args, tmp_path / "b", gate)}
+    try:
+        started = time.monotonic()
+        while all(p.poll() is None for p in jobs.values()):
+            assert time.monotonic() - started < 150, "neither job stopped"
+            time.sleep(0.05)
+        loser = next(k for k, p in jobs.items() if p.poll() is not None)
+        winner = "b" if loser == "a" else "a"
+        _, err = jobs[loser].communicate()
+        took = time.monotonic() - started
+        _wait_for(tmp_path / winner / "waiting", jobs[winner])  # the winner is training, and still holds the dir
+        held_by = int((tmp_path / winner / "pid_rank0.txt").read_text())
+        lines = [ln for ln in err.splitlines() if ln.startswith("dtrain: error")]  # not torchrun's report
+        assert jobs[loser].returncode != 0 and len(lines) == 1, err
+        assert lines[0].startswith(f"dtrain: error: output_dir {out} is in use by another run: pid {held_by} on "
+                                   f"{socket.gethostname()}, started "), lines[0]
+        assert "-m dtrain data.name=synthetic" in lines[0], lines[0]
+        assert not (tmp_path / loser / "pid_rank0.txt").exists()  # stopped before building anything
+        print(f"refused job out {took:.1f} s after both started: {lines[0]}\n{err}")
+        for rank in (0, 1):
+            os.kill(int((tmp_path / winner / f"pid_rank{rank}.txt").read_text()), signal.SIGKILL)
+        os.killpg(jobs[winner].pid, signal.SIGKILL)
+        jobs[winner].communicate(timeout=30)
+    finally:
+        for proc in jobs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    gate.write_text("open")
+    (tmp_path / "c").mkdir()
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "dtrain", *args], cwd=REPO, capture_output=True, text=True, timeout=150,
+                           env=child_env({"DTRAIN_TEST_PID_DIR": str(tmp_path / "c"), "DTRAIN_TEST_GATE": str(gate)}))
+    assert again.returncode == 0, again.stderr
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]

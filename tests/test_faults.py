@@ -192,13 +192,21 @@ def test_failure_line_names_step_and_peers_without_library_boilerplate() -> None
     assert failure_line(ValueError("bad\nvalue"), "2") == "rank 2 failed: ValueError: bad value"
 
 
-def test_an_error_every_rank_sees_is_printed_once(tmp_path: Path) -> None:
-    res = dtrain(2, ["data.name=synthetic", "model.name=tests.workers.nothere:build", f"output_dir={tmp_path}/run"],
-                 check=False, timeout=120)
+@pytest.mark.parametrize("key, said", [
+    ("model.name=tests.workers.nothere:build", "config key 'model.name' has value 'tests.workers.nothere:build'; "
+     "cannot import 'tests.workers.nothere': No module named 'tests.workers.nothere'"),  # agreed in set-up
+    ("dist.backend=nccl", "config key 'dist.backend' has value 'nccl'; allowed: gloo | auto on CPU (NCCL needs "
+     "CUDA)"),  # before any process group: no agreement to mark it
+])
+def test_an_error_every_rank_sees_is_printed_once(tmp_path: Path, key: str, said: str) -> None:
+    import torch
+
+    if key == "dist.backend=nccl" and torch.cuda.is_available():
+        pytest.skip("NCCL is allowed where CUDA is")
+    res = dtrain(2, ["data.name=synthetic", key, f"output_dir={tmp_path}/run"], check=False, timeout=120)
     assert res.returncode != 0
-    assert _dtrain_lines(res.stderr) == ["dtrain: error: config key 'model.name' has value "
-                                         "'tests.workers.nothere:build'; cannot import 'tests.workers.nothere': "
-                                         "No module named 'tests.workers.nothere'"], res.stderr
+    assert _dtrain_lines(res.stderr) == [f"dtrain: error: {said}"], res.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_sigterm_during_a_long_checkpoint_save_still_saves_and_stops(tmp_path: Path) -> None:

@@ -6,14 +6,14 @@ from typing import Optional
 
 import torch
 
-from dtrain.errors import DTrainError
+from dtrain.errors import ConfigError, DTrainError
 
 
 def resolve_device(requested: str, local_rank: Optional[int]) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DTrainError("config key 'train.device' has value 'cuda'; allowed: auto | cpu (no CUDA device is visible)")
+        raise ConfigError("train.device", requested, "auto | cpu (no CUDA device is visible)")
     count = torch.cuda.device_count()
     if count == 1:
         # One GPU visible per task (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set
@@ -34,5 +34,5 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if requested == "nccl" and device.type != "cuda":
-        raise DTrainError("config key 'dist.backend' has value 'nccl'; allowed: gloo | auto on CPU (NCCL needs CUDA)")
+        raise ConfigError("dist.backend", requested, "gloo | auto on CPU (NCCL needs CUDA)")
     return requested

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# First, before anything slow: it notes this process's parent, which under a launcher is the launcher
+# (see the module), while that is still certain.
+from dtrain.runtime import orphan as _orphan  # noqa: F401
+
 __version__ = "0.1.0"
 __all__ = ["train", "load", "load_config", "Config", "Result", "Datasets", "DTrainError", "Callback"]
 

@@ -26,6 +26,7 @@ import torch.distributed.nn.functional  # noqa: F401  (imported for the side eff
 from dtrain.errors import SAID_BY_RANK_0, DTrainError
 from dtrain.runtime.devices import resolve_backend, resolve_device
 from dtrain.runtime.env import LaunchInfo
+from dtrain.runtime.orphan import watching
 from dtrain.runtime.peers import PeerWatch, rendezvous
 
 
@@ -138,7 +139,18 @@ class DistState:
 def distributed(launch: LaunchInfo, backend: str = "auto", device: Union[str, torch.device] = "auto",
                 timeout_s: int = 600, start_timeout_s: int = 300) -> Iterator[DistState]:
     """Start the process group for `launch`, yield its DistState, always destroy it. `device`: a config
-    value (auto | cpu | cuda), or a device already resolved for this rank."""
+    value (auto | cpu | cuda), or a device already resolved for this rank. From before the rendezvous to
+    the end, the rank stops if its launcher dies (`orphan`)."""
+    with watching(launch) as orphan, _process_group(launch, backend, device, timeout_s, start_timeout_s) as state:
+        if orphan is not None and state.watch is not None and launch.launcher == "torchrun":
+            # The store is the agent's and died with it: heartbeats into it would log a C++ stack trace each.
+            orphan.on_death.append(state.watch.close)
+        yield state
+
+
+@contextmanager
+def _process_group(launch: LaunchInfo, backend: str, device: Union[str, torch.device], timeout_s: int,
+                   start_timeout_s: int) -> Iterator[DistState]:
     dev = device if isinstance(device, torch.device) else resolve_device(device, launch.local_rank)
     be = resolve_backend(backend, dev)
     if dev.type == "cuda":

@@ -25,6 +25,9 @@ WHERE_ATTR = "dtrain_where"
 computed), 'the checkpoint at step 6', 'the eval of epoch 2'."""
 BLAME_ATTR = "dtrain_blame"
 """Set on a communication failure by dist: {rank: what is wrong with it} for the peers to blame."""
+FROZEN_ATTR = "dtrain_frozen"
+"""Set on a communication failure by dist: the frozen peers on this host (localproc.LocalPeer) that `report`
+ends once this rank's line is out."""
 
 # Only messages that come from the collective libraries: a user's own RuntimeError that merely
 # mentions a timeout keeps its traceback.
@@ -99,18 +102,32 @@ def report(exc: BaseException, prog: str, timeout_s: Optional[int] = None) -> No
     if not comm:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
-    write_error_file(f"{prog}: error: {line}", lost_peer=comm)
+    frozen = getattr(exc, FROZEN_ATTR, None) or []
+    # A rank that names and ends a frozen peer has the job's first word: that peer's SIGKILL is not the cause.
+    write_error_file(f"{prog}: error: {line}", lost_peer=comm and not frozen, first=bool(frozen))
+    _end_frozen(frozen)
 
 
-def write_error_file(line: str, lost_peer: bool) -> None:
+def _end_frozen(frozen: list) -> None:
+    """SIGKILL the frozen peers (localproc.LocalPeer) this rank named, after its line: killed first, a
+    peer's exit could have the launcher SIGTERM this rank before the line is out."""
+    from dtrain.runtime import localproc
+
+    for peer in frozen:
+        localproc.kill(peer)
+
+
+def write_error_file(line: str, lost_peer: bool, first: bool = False) -> None:
     """Under torchrun: `line` as this rank's entry in torchrun's closing report.
 
-    torchrun names as the root cause the error file with the earliest timestamp; a rank that only
-    lost a peer must not outrank the one that failed, so its time is pushed back."""
+    torchrun names as the root cause the error file with the earliest timestamp (a rank that died
+    without one counts from when torchrun saw it); a rank that only lost a peer must not outrank the
+    one that failed, so its time is pushed back, and one that is `first` (it ends a frozen peer,
+    whose death is no cause) is moved forward."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not error_file:
         return
-    stamp = int(time.time()) + (2 if lost_peer else 0)
+    stamp = int(time.time()) + (2 if lost_peer else 0) - (2 if first else 0)
     data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(stamp)}}}
     try:
         with open(error_file, "w") as fh:

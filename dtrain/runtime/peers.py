@@ -13,13 +13,14 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 
 from dtrain.errors import DTrainError
-from dtrain.runtime import faults
+from dtrain.runtime import faults, localproc
 from dtrain.runtime.env import LaunchInfo
 
 
 ARRIVED = "dtrain/arrived"
 FAILED = "dtrain/failed"
 WAITED = "dtrain/waited"
+PROCESS = "dtrain/process"
 
 
 def rendezvous(launch: LaunchInfo, start_timeout_s: int, step_timeout_s: int) -> Any:
@@ -84,6 +85,11 @@ class PeerWatch:
     def __init__(self, store: Any, rank: int, world_size: int, interval_s: float = 1.0) -> None:
         self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
         self.step_of: Callable[[], int] = lambda: 0
+        try:
+            # Who this rank's process is, so that a peer on this host can end it should it freeze.
+            self.store.set(f"{PROCESS}/{rank}", localproc.name_of_this_process() or "")
+        except Exception:  # noqa: BLE001 - only the frozen-peer case needs it
+            pass
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dtrain-peer-watch", daemon=True)
         self._thread.start()
@@ -130,10 +136,19 @@ class PeerWatch:
         return [self._get(k) for k in keys]
 
     def diagnose(self, timed_out: bool) -> dict[int, str]:
-        """{rank: what is wrong with it} for the peers to blame, found in about two heartbeats.
+        """{rank: what is wrong with it} for the peers to blame (see `examine`)."""
+        return self.examine(timed_out)[0]
+
+    def examine(self, timed_out: bool) -> tuple[dict[int, str], list[localproc.LocalPeer]]:
+        """{rank: what is wrong with it} for the peers to blame, found in about two heartbeats, and the
+        frozen peers on this host that this rank is to end.
 
         After a timeout every rank that waited says so; the ones that did not were not in the
-        collective. A peer whose heartbeat stops is gone (dead, or frozen in native code)."""
+        collective. A peer whose heartbeat stops is gone (dead, or frozen in native code). One whose
+        process is still there, on this host, is frozen: stopped, swapped out, or holding the GIL
+        in native code. It cannot act on the launcher's SIGTERM, and the launcher waits its own grace
+        (30 s under torchrun) before the SIGKILL that ends the job, so this rank ends it (see
+        faults.report: after this rank's line)."""
         if timed_out:
             try:
                 self.store.append(WAITED, f"{self.rank} ")  # one key for all: read back in one go
@@ -145,15 +160,22 @@ class PeerWatch:
         after = self._get_all([f"dtrain/beat/{r}" for r in peers])
         steps = self._get_all([f"dtrain/step/{r}" for r in peers])
         waited = {int(r) for r in (self._get(WAITED) or "").split()} if timed_out else set()
+        # Only a beat read twice and unchanged says "frozen": a store that cannot be read says nothing.
+        silent = [r for r, old, new in zip(peers, before, after) if old is not None and new == old]
+        frozen = {r: p for r, name in zip(silent, self._get_all([f"{PROCESS}/{r}" for r in silent]))
+                  if (p := localproc.find(name)) is not None}
         blame: dict[int, str] = {}
         for r, old, new, step in zip(peers, before, after, steps):
             alive = old is not None and new != old
             at = f"last heard of at step {step}" if step is not None else "never heard of"
-            if not alive:
+            if r in frozen:
+                blame[r] = f"{at}, no heartbeat: frozen, its process {frozen[r].pid} on this host is " \
+                           f"{frozen[r].state}; ended with SIGKILL"
+            elif not alive:
                 blame[r] = f"{at}, no heartbeat: died, was killed or is frozen"
             elif timed_out and r not in waited:
                 blame[r] = f"{at}, alive but not in the collective: stalled in its own work"
-        return blame
+        return blame, list(frozen.values())
 
     def announce_failure(self, line: str) -> None:
         if self.store is None:
@@ -176,7 +198,9 @@ class PeerWatch:
             timed_out = faults.is_timeout(exc)
             self.announce_failure(f"rank {self.rank} " + ("gave up waiting in a collective" if timed_out
                                                           else "lost contact with a peer"))
-            setattr(exc, faults.BLAME_ATTR, self.diagnose(timed_out))
+            blame, frozen = self.examine(timed_out)
+            setattr(exc, faults.BLAME_ATTR, blame)
+            setattr(exc, faults.FROZEN_ATTR, frozen)
         else:
             self.announce_failure(f"rank {self.rank} failed: {type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:200]}")

@@ -146,7 +146,7 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_one(small
     line = str(caught.value)
     root = os.path.join(out, "checkpoints")
     assert line == (f"cannot write the checkpoint of step 2: {root}/.step-000000002.tmp/state.pt: No space left on "
-                    f"device; the earlier checkpoints in {root} are untouched")
+                    "device; the earlier checkpoints are untouched")
     assert os.listdir(root) == ["step-000000001"]
     good, damaged = checkpoint.newest_intact(out)
     assert good is not None and good.step == 1 and not damaged
@@ -173,7 +173,7 @@ def test_a_run_on_a_full_disk_stops_in_one_line_and_the_same_command_resumes_onc
     err = capsys.readouterr().err.strip().splitlines()
     root = small_fs / "run" / "checkpoints"
     assert err == [f"dtrain: error: cannot write the checkpoint of step 8: {root}/.step-000000008.tmp/state.pt: "
-                   f"No space left on device; the earlier checkpoints in {root} are untouched"]
+                   "No space left on device; the earlier checkpoints are untouched"]
     assert os.listdir(root) == ["step-000000004"] and checkpoint.problem(str(root / "step-000000004")) is None
     _grow(small_fs, "4m")
     assert main(args) == 0

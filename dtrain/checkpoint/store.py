@@ -198,7 +198,7 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
         else:
             where, why = root, " ".join(str(exc).split())[:200]
         raise DTrainError(f"cannot write the checkpoint of step {step}: {where}: {why}; "
-                          f"the earlier checkpoints in {root} are untouched") from None
+                          "the earlier checkpoints are untouched") from None
     # Older than this one only: a newer directory is never the one to go. Uncommitted ones go too (a deletion cut
     # short leaves them, and nothing resumes from them).
     kept = {f.step for f in committed(output_dir)[-keep:]} | set(keep_also)

@@ -10,7 +10,8 @@ step's loss is the sample-weighted mean over all ranks.
 
 It writes only into `<output_dir>/lr_find/` (rank 0): lr_find.csv,
 lr_find.json (the suggestion), config.yaml and, with matplotlib installed
-(the "plot" extra), lr_find.png. The run in `<output_dir>` is never touched.
+(the "plot" extra), lr_find.png. The run in `<output_dir>` is never touched. A second test into the same
+directory while one runs stops in one line: rank 0 holds lr_find/'s lock (`dtrain/checkpoint/lock.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dtrain.loop.state import TrainState
 from dtrain.loop.step import train_step
 from dtrain.loop.task import Task
 from dtrain.errors import ConfigError, DTrainError
+from dtrain.checkpoint.lock import RunDirLock
 from dtrain.checkpoint.rundir import new_run_dir
 from dtrain.run import runtime_summary
 from dtrain.setup import Given, set_up
@@ -204,8 +206,10 @@ def output_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, SUBDIR)
 
 
-def prepare(path: str, overwrite: bool) -> None:
-    """Refuse to replace an earlier test's results unless asked to."""
+def prepare(path: str, overwrite: bool, lock: Optional[RunDirLock] = None) -> None:
+    """Refuse to replace an earlier test's results unless asked to, or while another test writes them (`lock`)."""
+    if lock is not None:
+        lock.take(path)
     earlier = os.path.join(path, "lr_find.csv")
     if os.path.exists(earlier) and not overwrite:
         raise DTrainError(f"{earlier} already exists (an earlier lr_find); allowed: another output_dir, "
@@ -260,7 +264,8 @@ def lr_find(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Optiona
     run_cfg = dataclasses.replace(cfg, sched=SchedConfig(name="constant", warmup_steps=0))
     f = cfg.lr_find
     # The same set-up as `dtrain.run.train`, so the weights and batches are those a training run starts with.
-    with set_up(run_cfg, environ, lambda: prepare(output_dir(cfg), cfg.overwrite), total_steps=f.num_steps) as setup:
+    with RunDirLock() as lock, set_up(run_cfg, environ, lambda: prepare(output_dir(cfg), cfg.overwrite, lock),
+                                      total_steps=f.num_steps) as setup:
         dist_state, runtime = setup.dist_state, runtime_summary(setup, Given())
         if dist_state.is_main:
             print(f"{PROG}: lr {f.start_lr:g} -> {f.end_lr:g} over {f.num_steps} steps, optim.name="

@@ -37,7 +37,26 @@ def test_a_held_directory_is_refused_naming_its_holder_until_released(tmp_path: 
     second.release()
 
 
-def test_the_lock_file_alone_leaves_no_trace_and_is_no_run(tmp_path: Path) -> None:
+@pytest.mark.multiproc
+def test_a_child_forked_while_the_lock_was_held_does_not_keep_it(tmp_path: Path) -> None:
+    """A DataLoader worker of rank 0 inherits the locked file: releasing must free it all the same, and
+    a SIGKILL of the holder must free it once its children are gone too."""
+    lock = RunDirLock()
+    lock.take(str(tmp_path))
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only sleeps, holding what it inherited
+        time.sleep(60)
+        os._exit(0)
+    try:
+        lock.release()
+        with RunDirLock() as again:
+            again.take(str(tmp_path))  # free, though the child still holds the inherited file open
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_the_lock_file_leaves_no_trace_and_a_leftover_one_is_no_run(tmp_path: Path) -> None:
     from dtrain.checkpoint.rundir import decide_start
 
     fresh = tmp_path / "new" / "run"
@@ -61,7 +80,8 @@ def test_a_run_holds_the_lock_only_while_it_runs_and_overwrite_waits_for_it(tmp_
     out = tmp_path / "run"
     cfg = load_config(None, ["data.name=synthetic", "train.max_steps=2", "log.progress=none", f"output_dir={out}"])
     train(cfg, environ={})
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE}
+    assert not (out / LOCK_FILE).exists()  # removed as the run let go of it
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with RunDirLock() as other:
         other.take(str(out))  # released by the run that ended
         overwrite = load_config(None, ["data.name=synthetic", "train.max_steps=2", "overwrite=true",
@@ -131,3 +151,19 @@ def test_two_jobs_into_one_directory_one_runs_the_other_names_it_and_a_killed_on
                            env=child_env({"DTRAIN_TEST_PID_DIR": str(tmp_path / "c"), "DTRAIN_TEST_GATE": str(gate)}))
     assert again.returncode == 0, again.stderr
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
+
+
+def test_lr_find_holds_its_own_directory(tmp_path: Path) -> None:
+    """lr_find writes only into <output_dir>/lr_find/: that is what it locks (a training run there is not its)."""
+    from dtrain.lr_find import lr_find
+
+    cfg = load_config(None, ["data.name=synthetic", "lr_find.num_steps=3", f"output_dir={tmp_path}"])
+    with RunDirLock() as other:
+        other.take(str(tmp_path / "lr_find"))
+        with pytest.raises(DTrainError, match=f"output_dir {tmp_path / 'lr_find'} is in use by another run"):
+            lr_find(cfg, environ={})
+        assert os.listdir(tmp_path / "lr_find") == [LOCK_FILE]
+    with RunDirLock() as run:
+        run.take(str(tmp_path))  # a training run in the same output_dir
+        assert lr_find(cfg, environ={}) is not None
+    assert (tmp_path / "lr_find" / "lr_find.csv").exists()

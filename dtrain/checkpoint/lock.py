@@ -2,8 +2,10 @@
 
 flock(2), not a pid file: the kernel drops the lock when the holding process dies, however it dies (kill -9,
 the OOM killer, a node reboot), so a dead job never blocks the next one and there is no staleness to judge.
-The file also says who holds it (host, pid, start, Slurm job, command) for the refusal's one line; a file
-that nobody has locked means nothing, so it may stay behind.
+(Processes rank 0 forks, DataLoader workers, share the lock: after a kill -9 of rank 0 it is free once they
+notice their parent is gone and exit, within seconds.)
+The file also says who holds it (host, pid, start, Slurm job, command) for the refusal's one line. It is
+removed at release; one left by a holder that died holds no lock and means nothing.
 
 On NFS, Linux's client turns flock into a lock the server arbitrates across nodes (unless the share is mounted
 with local_lock=flock or all, where it guards one node only). Where the file system has no locks at all (Lustre
@@ -75,8 +77,8 @@ class RunDirLock:
                 print(f"dtrain: warning: cannot lock {path} ({exc.strerror}): this file system has no locks, so "
                       "nothing stops a second job from writing into the same output_dir", file=sys.stderr, flush=True)
                 return
-            # A release removes the file of an otherwise empty directory: if that came between our open and
-            # our lock, we hold a file nobody else will open. Open the one at the path now.
+            # A release removes the file: if that came between our open and our lock, we hold a file nobody
+            # else will open. Open the one at the path now.
             try:
                 current = os.path.samestat(os.fstat(fd), os.stat(path))
             except FileNotFoundError:
@@ -94,21 +96,26 @@ class RunDirLock:
             pass  # the lock stands; only a refused job's message would say less
 
     def release(self) -> None:
-        """Unlock; a directory left holding only the lock file (a run refused before it wrote anything) is
-        left as it was found: the file goes, and the directory too if `take` made it."""
+        """Remove the file and unlock; a directory `take` made and nothing else wrote into (a run refused before
+        it wrote anything) goes too."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
-            if os.listdir(self._dir) == [LOCK_FILE]:
-                # Removed while still locked: a job that opened it meanwhile sees it is gone and opens anew.
-                os.remove(os.path.join(self._dir, LOCK_FILE))
-                if self._made_dir:
-                    os.rmdir(self._dir)
+            # Removed while still locked: a job that opened it meanwhile finds, once it has the lock, that the
+            # file it locked is no longer the one at the path, and opens anew (see `take`).
+            os.remove(os.path.join(self._dir, LOCK_FILE))
+            if self._made_dir and not os.listdir(self._dir):
+                os.rmdir(self._dir)
         except OSError:
             pass  # a leftover lock file or empty directory blocks nothing
         finally:
-            os.close(fd)
+            # Unlocked explicitly, not just closed: a process forked meanwhile (a DataLoader worker not yet
+            # gone) shares this open file, and would otherwise hold the lock until it exits.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> RunDirLock:
         return self

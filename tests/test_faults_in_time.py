@@ -63,3 +63,42 @@ def test_a_frozen_rank_is_named_and_the_job_ends_soon_after_dist_timeout_s(tmp_p
     # Before: 5 + 33 s. Now: 5 s, two heartbeats to tell, the exit (about 9 s here, unloaded).
     assert took < 25, f"{took:.1f} s from SIGSTOP to torchrun's exit"
     print(f"SIGSTOP of rank 1, dist.timeout_s=5: torchrun exited {took:.1f} s later")
+
+
+def test_a_failing_data_item_in_a_worker_is_named_and_every_rank_stops_in_seconds(tmp_path: Path) -> None:
+    """Rank 1's one DataLoader worker raises in `__getitem__`: its line names the item and the error, its
+    stderr has the worker's traceback, and the job (rank 0, stuck in the step's all-reduce) ends soon."""
+    args = ["data.name=tests.workers.failing_data:build", "data.batch_size=16", "data.num_workers=1",
+            "train.epochs=2", "log.progress=none", f"output_dir={tmp_path}/run"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtrain", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env({"DTRAIN_TEST_FAIL_RANK": "1"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    said_at: dict[str, float] = {}
+    err_lines = []
+    try:
+        assert proc.stderr is not None
+        for ln in proc.stderr:  # read as it comes: when the line was said, and when the job ended
+            err_lines.append(ln)
+            if ln.startswith("dtrain: error: rank 1"):
+                said_at["line"] = time.monotonic()
+        proc.wait(timeout=120)
+        ended = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = "".join(err_lines)
+    assert proc.returncode != 0
+    failed = [ln for ln in _dtrain_lines(err) if "rank 1" in ln.split(":")[2]]
+    assert len(failed) == 1, err
+    # failing_data puts the index it was asked for in its message: the index dtrain names is the same one.
+    assert re.fullmatch(r"dtrain: error: rank 1 in step \d+: data item (\d+) failed: ValueError: bad image file "
+                        r"\1\.png", failed[0]), failed[0]
+    above = err[:err.index(failed[0])]
+    assert "In DataLoader worker process 0:\nTraceback (most recent call last):" in above
+    assert 'raise ValueError(f"bad image file {index}.png")' in above  # the worker's own frame, once
+    assert above.count("ValueError: bad image file") == 1 and "Caught DataItemError" not in err
+    assert failed[0] in err[err.rindex("Root Cause"):]
+    took = ended - said_at["line"]
+    # Before: 62 s from rank 1's line to the job's end (its worker sat out a 60 s SIGTERM grace at exit).
+    assert took < 25, f"{took:.1f} s from rank 1's line to torchrun's exit"
+    print(f"a data item failing in rank 1's worker: torchrun exited {took:.1f} s after rank 1's line")

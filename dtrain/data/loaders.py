@@ -8,7 +8,11 @@ bit-identical to the DataLoader's batches.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -17,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dtrain.config import DataConfig
 from dtrain.data.batches import TensorBatches, batched_source
+from dtrain.data.items import named_items
 from dtrain.data.samplers import ShardSampler, TrainSampler
 from dtrain.data.source import SamplerSource
 from dtrain.data.types import Datasets
@@ -52,9 +57,34 @@ def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     """This rank's train source (`grad_accum_steps` micro-batches per window) and eval loader (over the first
     `eval_max_batches` x data.eval_batch_size samples, or all); DataLoader workers forget the parent's handlers
     of `worker_ignores` (see runtime.signals.worker_signals)."""
-    init = functools.partial(worker_signals, tuple(worker_ignores)) if worker_ignores and cfg.num_workers else None
+    init = None
+    if worker_ignores and cfg.num_workers:
+        # Set as this rank's process exits: the SIGTERM that multiprocessing then sends its workers
+        # (and joins them) must end them at once, not after the grace a Slurm-wide SIGTERM gets.
+        ending = multiprocessing.RawValue("b", 0)
+        atexit.register(_set, ending)
+        init = functools.partial(_worker_init, tuple(worker_ignores), ending)
     train = _train_source(data, cfg, seed, dist_state, grad_accum_steps, init)
     return Loaders(train, _eval_loader(data, cfg, seed, dist_state, init, eval_max_batches))
+
+
+def _set(flag: Any) -> None:
+    flag.value = 1
+
+
+def _worker_init(names: tuple[str, ...], ending: Any, worker_id: int) -> None:
+    """runtime.signals.worker_signals, but a SIGTERM once the rank is exiting ends the worker now."""
+    worker_signals(names, worker_id)
+    patient = signal.getsignal(signal.SIGTERM)
+    if not callable(patient):
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if ending.value:  # a plain shared byte: no lock to take inside a handler
+            os._exit(128 + signum)
+        patient(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _train_source(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState, k: int,
@@ -71,7 +101,7 @@ def _train_source(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     if reader is not None:
         batches = TensorBatches(reader, sampler, cfg.batch_size, dist_state.device if cfg.device_resident else None)
     else:
-        batches = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+        batches = DataLoader(named_items(data.train), batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
                              num_workers=cfg.num_workers, pin_memory=dist_state.device.type == "cuda",
                              persistent_workers=cfg.num_workers > 0, generator=workers_rng, worker_init_fn=init)
     return SamplerSource(batches, sampler, cfg.batch_size, k, workers_rng)
@@ -91,6 +121,7 @@ def _eval_loader(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSta
     # Its own generator too: without one, its first iterator (at the first eval) would draw
     # the workers' seed from the global RNG, which a resumed run would then draw again.
     eval_rng = torch.Generator().manual_seed(rank_seed(seed + 1, dist_state.rank, dist_state.world_size))
-    return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+    return DataLoader(named_items(dataset), batch_size=cfg.eval_batch_size, sampler=sampler,
+                      num_workers=cfg.num_workers,
                       pin_memory=dist_state.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                       generator=eval_rng, worker_init_fn=init)

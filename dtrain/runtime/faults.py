@@ -25,6 +25,12 @@ WHERE_ATTR = "dtrain_where"
 computed), 'the checkpoint at step 6', 'the eval of epoch 2'."""
 BLAME_ATTR = "dtrain_blame"
 """Set on a communication failure by dist: {rank: what is wrong with it} for the peers to blame."""
+OWN_LINE_ATTR = "dtrain_own_line"
+"""On an exception that knows what its line should say (data.items.DataItemError): said after the rank and
+place, instead of "failed: <type>: <message>"."""
+TRACEBACK_ATTR = "dtrain_traceback"
+"""On an exception that carries the traceback that matters as text (a DataLoader worker's): printed instead
+of the exception's own."""
 FROZEN_ATTR = "dtrain_frozen"
 """Set on a communication failure by dist: the frozen peers on this host (localproc.LocalPeer) that `report`
 ends once this rank's line is out."""
@@ -89,6 +95,9 @@ def failure_line(exc: BaseException, rank: str, timeout_s: Optional[int] = None)
                     "was; a larger dist.timeout_s helps only if its steps are really that slow")
         return (f"rank {rank}{where}: lost contact with the other ranks ({who or 'another rank is gone'}) "
                 f"[{_gist(exc)}]; the failed rank's own message, or the launcher's report, says why")
+    own = getattr(exc, OWN_LINE_ATTR, None)
+    if own:
+        return f"rank {rank}{where}: {' '.join(str(own).split())}"[:1000]
     message = " ".join(str(exc).split())
     return f"rank {rank}{where} failed: {type(exc).__name__}: {message}"[:1000]
 
@@ -99,7 +108,10 @@ def report(exc: BaseException, prog: str, timeout_s: Optional[int] = None) -> No
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     line = failure_line(exc, rank, timeout_s)
     comm = is_communication_failure(exc)
-    if not comm:
+    told = getattr(exc, TRACEBACK_ATTR, None)
+    if told:
+        print(told, end="", file=sys.stderr)
+    elif not comm:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
     frozen = getattr(exc, FROZEN_ATTR, None) or []

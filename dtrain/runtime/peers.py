@@ -202,5 +202,6 @@ class PeerWatch:
             setattr(exc, faults.BLAME_ATTR, blame)
             setattr(exc, faults.FROZEN_ATTR, frozen)
         else:
-            self.announce_failure(f"rank {self.rank} failed: {type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())[:200]}")
+            own = getattr(exc, faults.OWN_LINE_ATTR, None)
+            said = f"rank {self.rank}: {own}" if own else f"rank {self.rank} failed: {type(exc).__name__}: {exc}"
+            self.announce_failure(" ".join(said.split())[:250])

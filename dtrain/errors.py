@@ -19,4 +19,5 @@ class ConfigError(DTrainError):
 
 
 SAID_BY_RANK_0 = "dtrain_said_by_rank_0"
-"""Set (by dist.check_all) on an error that every rank raised alike, so that only rank 0 prints it."""
+"""Set on an error that every rank raised alike (by dist.check_all), or that rank 0 raised and passed on to the
+others (by dist.run_on_main), so that only rank 0 prints it."""

@@ -106,6 +106,19 @@ def test_a_damaged_newer_checkpoint_never_gets_a_good_one_deleted(tmp_path: Path
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-000000080", "step-000000090.damaged"]
 
 
+def test_resume_from_a_named_damaged_checkpoint_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from dtrain.checkpoint.rundir import decide_start
+    from dtrain.config import load_config
+
+    checkpoint.save(str(tmp_path / "old"), 7, 0, _state(7), keep=1)
+    named = tmp_path / "old" / "checkpoints" / "step-000000007"
+    _zero_middle(named / "state.pt")
+    cfg = load_config(None, ["data.name=synthetic", f"resume={named}", f"output_dir={tmp_path / 'new'}"])
+    with pytest.raises(DTrainError, match=f"cannot resume from {named}: {named}/state.pt: checksum mismatch"):
+        decide_start(cfg)
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_damaged_model_pt_is_refused_by_its_readers(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     weights = {"w": torch.randn(20000), "b": torch.randn(10)}

@@ -21,11 +21,17 @@ import torch
 import torch.distributed as dist
 
 from dtrain.runtime.dist import DistState
-from dtrain.errors import DTrainError
+from dtrain.errors import SAID_BY_RANK_0, DTrainError
 
 
 class NonFiniteError(DTrainError):
     """Training stopped on a non-finite loss or gradient; nothing was written after it."""
+
+
+def _agreed(error: NonFiniteError) -> NonFiniteError:
+    """Every rank builds this error from the same all-reduced values at the same check: rank 0 says it for all."""
+    setattr(error, SAID_BY_RANK_0, True)
+    return error
 
 
 class NonFiniteGuard:
@@ -115,14 +121,14 @@ class NonFiniteGuard:
         self._first.fill_(math.inf)
         self._longest.copy_(self._run)
         if self.mode == "stop":
-            return skipped, NonFiniteError(f"the loss or gradient is not finite since step {first} (seen at the check "
-                                           f"of step {step}); {self._last()}; stopped without writing weights or a "
-                                           "checkpoint (train.on_nonfinite=stop)")
+            return skipped, _agreed(NonFiniteError(
+                f"the loss or gradient is not finite since step {first} (seen at the check of step {step}); "
+                f"{self._last()}; stopped without writing weights or a checkpoint (train.on_nonfinite=stop)"))
         if self.skips and longest >= self.max_skipped:
-            return skipped, NonFiniteError(f"{longest} steps in a row had a non-finite gradient and were skipped "
-                                           f"(seen at the check of step {step}); {self._last()}; stopped without "
-                                           f"writing weights or a checkpoint (train.max_skipped_steps="
-                                           f"{self.max_skipped})")
+            return skipped, _agreed(NonFiniteError(
+                f"{longest} steps in a row had a non-finite gradient and were skipped (seen at the check of step "
+                f"{step}); {self._last()}; stopped without writing weights or a checkpoint "
+                f"(train.max_skipped_steps={self.max_skipped})"))
         return skipped, None
 
     def _last(self) -> str:

@@ -18,16 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import Dataset
 
 from helpers import REPO, child_env
-
-pytestmark = pytest.mark.multiproc
-
 
 def _dtrain_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("dtrain: error")]
 
 
+@pytest.mark.multiproc
 def test_a_frozen_rank_is_named_and_the_job_ends_soon_after_dist_timeout_s(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -65,6 +65,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends_soon_after_dist_timeout_s(tmp_p
     print(f"SIGSTOP of rank 1, dist.timeout_s=5: torchrun exited {took:.1f} s later")
 
 
+@pytest.mark.multiproc
 def test_a_failing_data_item_in_a_worker_is_named_and_every_rank_stops_in_seconds(tmp_path: Path) -> None:
     """Rank 1's one DataLoader worker raises in `__getitem__`: its line names the item and the error, its
     stderr has the worker's traceback, and the job (rank 0, stuck in the step's all-reduce) ends soon."""
@@ -102,3 +103,39 @@ def test_a_failing_data_item_in_a_worker_is_named_and_every_rank_stops_in_second
     # Before: 62 s from rank 1's line to the job's end (its worker sat out a 60 s SIGTERM grace at exit).
     assert took < 25, f"{took:.1f} s from rank 1's line to torchrun's exit"
     print(f"a data item failing in rank 1's worker: torchrun exited {took:.1f} s after rank 1's line")
+
+
+class _Bad(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 5:
+            raise ValueError("bad image file\n5.png")
+        return torch.zeros(2)
+
+
+class _BadBatched(_Bad):
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return [self[i] for i in indices]
+
+
+def test_a_failing_item_says_its_index_in_the_process_and_from_a_worker_and_batched() -> None:
+    """No launcher: the wrapper's line read in the process, re-raised from a worker, and for `__getitems__`."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from dtrain.data.items import DataItemError, named_items
+    from dtrain.runtime.faults import failure_line
+
+    wrapped = pickle.loads(pickle.dumps(named_items(_Bad())))  # a spawned worker gets it pickled
+    for workers in (0, 1):
+        with pytest.raises(DataItemError) as info:
+            list(DataLoader(wrapped, batch_size=4, num_workers=workers))
+        assert failure_line(info.value, "1") == "rank 1: data item 5 failed: ValueError: bad image file 5.png"
+        told = getattr(info.value, "dtrain_traceback")
+        assert (told is None) if workers == 0 else told.startswith("In DataLoader worker process 0:\nTraceback")
+    with pytest.raises(DataItemError) as info:
+        list(DataLoader(named_items(_BadBatched()), batch_size=4))
+    assert str(info.value) == "data items [4, 5, 6, 7] (4, one call) failed: ValueError: bad image file 5.png"

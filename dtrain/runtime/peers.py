@@ -196,9 +196,15 @@ class PeerWatch:
             return
         if faults.is_communication_failure(exc):
             timed_out = faults.is_timeout(exc)
+            earlier = self.failure()  # read before this rank's own announcement can take the key
             self.announce_failure(f"rank {self.rank} " + ("gave up waiting in a collective" if timed_out
                                                           else "lost contact with a peer"))
-            blame, frozen = self.examine(timed_out)
+            failed = re.match(r"rank (\d+)(?:: | )(failed: .*|data items? .*)$", earlier or "")
+            if failed and int(failed.group(1)) != self.rank:
+                # A peer failed on its own and said why: that is the cause, no heartbeats to wait for.
+                blame, frozen = {int(failed.group(1)): failed.group(2)}, []
+            else:
+                blame, frozen = self.examine(timed_out)
             setattr(exc, faults.BLAME_ATTR, blame)
             setattr(exc, faults.FROZEN_ATTR, frozen)
         else:

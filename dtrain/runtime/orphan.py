@@ -87,6 +87,7 @@ class LauncherWatch:
         """Called on the watching thread once the launcher is gone, before the SIGTERM: letting go of what
         died with it (under torchrun, the store the agent hosted)."""
         self._closed = threading.Event()
+        self._fired = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dtrain-launcher-watch", daemon=True)
         self._thread.start()
 
@@ -94,11 +95,14 @@ class LauncherWatch:
         """Stop watching (the process group is gone). Once the launcher has died, the hard exit stays
         armed: the process ends by then whatever it does after the run."""
         self._closed.set()
+        if not self._fired.is_set():
+            self._thread.join(timeout=2 * self.poll_s)
 
     def _run(self) -> None:
         while os.getppid() == self.pid:
             if self._closed.wait(self.poll_s):
                 return
+        self._fired.set()
         self._say(f"the launcher ({self.name}, pid {self.pid}) died; stopping")
         for let_go in self.on_death:
             try:

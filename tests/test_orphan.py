@@ -107,18 +107,28 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
 
 
+# The first checkpoint (step 5) takes 8 s on rank 0 while rank 1 waits in its collectives; 3750 steps of 20 ms
+# (75 s) and a checkpoint every 5 would keep both ranks going for minutes after the kill.
+SAVING = ["data.name=synthetic", "data.train_size=4000", "data.batch_size=16", "train.epochs=30",
+          "checkpoint.every_steps=5", "log.progress=none", "model.name=tests.workers.slow_save_model:build"]
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name, when", [("torchrun", "start"), ("torchrun", "train"), ("accelerate", "train")])
+@pytest.mark.parametrize("name, when", [("torchrun", "start"), ("torchrun", "train"), ("torchrun", "save"),
+                                        ("accelerate", "train")])
 def test_every_rank_exits_within_30s_of_its_launchers_sigkill(name: str, when: str, tmp_path: Path,
                                                               leftovers: list[int]) -> None:
     """start: killed while both ranks import torch, before any rendezvous (they then found the agent's store
-    gone and retried it for 15-20 minutes). train: killed after the first logged step; the ranks stop as on
-    the launcher's SIGTERM, so they save a checkpoint on the way out."""
+    gone and retried it for 15-20 minutes). train: killed after the first logged step. save: killed while rank
+    0 writes a checkpoint and rank 1 waits for it in a collective. In the loop the ranks stop as on the
+    launcher's SIGTERM, so they save a checkpoint on the way out."""
     if name == "accelerate":
         pytest.importorskip("accelerate")
     out, err = tmp_path / "run", tmp_path / "stderr"
-    launcher = _launch([*(TORCHRUN if name == "torchrun" else ACCELERATE), "-m", "dtrain", *TRAIN,
-                        f"output_dir={out}"], err, SLOW_STEPS)
+    args, env = (SAVING, {"DTRAIN_TEST_PID_DIR": str(tmp_path), "DTRAIN_TEST_SLOW_SAVE_S": "8"}) if when == "save" \
+        else (TRAIN, SLOW_STEPS)
+    launcher = _launch([*(TORCHRUN if name == "torchrun" else ACCELERATE), "-m", "dtrain", *args,
+                        f"output_dir={out}"], err, env)
     leftovers.append(launcher.pid)
     try:
         _wait(lambda: len(_ranks_of(launcher.pid)) == 2, 60, "two ranks")
@@ -126,6 +136,8 @@ def test_every_rank_exits_within_30s_of_its_launchers_sigkill(name: str, when: s
         leftovers.extend(ranks)
         if when == "start":
             _wait(lambda: all(_importing_torch(p) for p in ranks), 60, "both ranks to import torch")
+        elif when == "save":
+            _wait(lambda: (tmp_path / "saving").exists(), 120, "rank 0 to start its first checkpoint")
         else:
             _wait(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip() != "",
                   120, "a logged step")
@@ -139,7 +151,7 @@ def test_every_rank_exits_within_30s_of_its_launchers_sigkill(name: str, when: s
     for rank in (0, 1):
         assert f"dtrain: rank {rank}: the launcher ({name}, pid {launcher.pid}) died; stopping\n" in stderr, stderr
     assert "still running" not in stderr, "the SIGTERM ended them; the hard exit was not needed"
-    if when == "train":
+    if when != "start":
         assert committed(str(out)), "stopped as on SIGTERM: a checkpoint saved on the way out"
 
 

@@ -68,13 +68,16 @@ def _name(pid: int, launcher: str) -> str:
     agent renames its process (comm is "pt_elastic")."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().decode(errors="replace").split("\0")
+            argv = [a for a in fh.read().decode(errors="replace").split("\0") if a]
     except OSError:
         return launcher
-    program = os.path.basename(argv[0]).split(":")[0].strip()  # slurmstepd sets "slurmstepd: [1.0]"
-    if program.startswith("python") and "-m" in argv[:-1]:
-        return _MODULES.get(argv[argv.index("-m") + 1], launcher)
-    return program if program and not program.startswith("python") else launcher
+    program = os.path.basename(argv[0]).split(":")[0].strip() if argv else ""  # slurmstepd: "slurmstepd: [1.0]"
+    if program.startswith("python") and len(argv) > 1:
+        if argv[1] == "-m" and len(argv) > 2:
+            return _MODULES.get(argv[2], launcher)
+        # An entry-point script run by its interpreter: /venv/bin/python /venv/bin/accelerate launch ...
+        program = os.path.basename(argv[1]) if not argv[1].startswith("-") else ""
+    return program or launcher
 
 
 class LauncherWatch:

@@ -134,7 +134,7 @@ def _model(cfg: Config, given: Given, data: Datasets) -> torch.nn.Module:
 def build_task_for(cfg: Config, given: Given) -> Task:
     metrics = [(None, m) for m in cfg.loss.metrics] + list(given.metrics)
     return build_task(given.loss if given.loss is not None else cfg.loss.name, metrics,
-                      cfg.data.input_key, cfg.data.target_key)
+                      cfg.data.input_key, cfg.data.target_key, cfg.loss.ignore_index)
 
 
 def plan_for(cfg: Config) -> FitPlan:

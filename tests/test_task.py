@@ -14,7 +14,9 @@ B = 6
 
 
 def _sum_over_batch(name: str, out: torch.Tensor, y: torch.Tensor) -> float:
-    return build_task(name, [], "input", "target").loss_sum(out, y).item()
+    """The loss summed over the batch, per sample: a weighted loss's sum scaled to its weight per sample."""
+    total, weight = build_task(name, [], "input", "target").loss_terms(out, y)
+    return total.item() if weight is None else total.item() / weight.item() * y.shape[0]
 
 
 @pytest.mark.parametrize("name, out, y, reference", [
@@ -34,12 +36,15 @@ def test_builtin_loss_summed_over_the_batch_is_torch_mean_times_batch(name, out,
 
 def test_metrics_against_hand_arithmetic() -> None:
     out = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5]])
-    assert BUILTIN["accuracy"](out, torch.tensor([0, 0, 0])).tolist() == [1.0, 0.0, 1.0]
-    assert BUILTIN["mae"](out, torch.zeros(3, 2)).tolist() == [1.5, 1.5, 0.75]
+    values, weights = BUILTIN["accuracy"](out, torch.tensor([0, 0, 0]))
+    assert values.tolist() == [1.0, 0.0, 1.0] and weights.tolist() == [1.0, 1.0, 1.0]
+    values, weights = BUILTIN["accuracy"](out, torch.tensor([0, -100, 0]))  # an ignored label counts nowhere
+    assert values.tolist() == [1.0, 0.0, 1.0] and weights.tolist() == [1.0, 0.0, 1.0]
+    assert BUILTIN["mae"](out, torch.zeros(3, 2))[0].tolist() == [1.5, 1.5, 0.75]
     task = build_task("mse", [], "input", "target")
     assert task.eval_names == ["loss", "mae"]
-    sums = task.eval_sums(out, torch.zeros(3, 2))
-    assert sums.tolist() == pytest.approx([2.5 + 4.5 + 0.625, 3.75])
+    sums, weighted = task.eval_sums(out, torch.zeros(3, 2))
+    assert sums.reshape(-1).tolist() == pytest.approx([2.5 + 4.5 + 0.625, 3.75, 3, 3]) and weighted == [False, False]
 
 
 def test_default_metrics_follow_the_loss() -> None:

@@ -42,7 +42,7 @@ class TrainLog(Callback):
         error = self.checks.settle(totals.alarms)
         compile_s = state.compile_watch.take()  # torch.compile's time is not step time
         elapsed = max(time.perf_counter() - self.clock.start - compile_s, 1e-12)
-        values: dict[str, float] = {"loss": totals.loss, "samples": totals.samples, "lr": run.lr}
+        values: dict[str, float] = {"loss": totals.loss, **totals.sizes, "lr": run.lr}
         if norm is not None:
             values["grad_norm"] = totals.extra[0]
         values["samples_per_s"] = totals.samples / elapsed
@@ -66,7 +66,7 @@ class TrainLog(Callback):
     def on_epoch_end(self, run: RunView) -> None:
         totals = self.meter.take_epoch(run.state.dist)
         self.logger.log(Record("train_epoch", run.step, run.epoch + 1,
-                               {"loss": totals.loss, "samples": totals.samples}))
+                               {"loss": totals.loss, **totals.sizes}))
 
     def on_eval_end(self, run: RunView) -> None:
         if run.record is not None:

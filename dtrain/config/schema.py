@@ -21,7 +21,10 @@ class DataConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a user data factory, e.g. {size: 5000}."""
     input_key: str = "input"
-    """Where the inputs are in a batch that is a dict (a pair is always (inputs, targets))."""
+    """Where the inputs are in a batch that is a dict (a pair is always (inputs, targets)). '*': every entry
+    but data.target_key goes to the model as a keyword argument (model(**inputs): input_ids, attention_mask,
+    ... for a Hugging Face model; the targets are not passed, so the model does not compute a loss of its
+    own)."""
     target_key: str = "target"
     """Where the targets are in a batch that is a dict."""
     root: str = "data"
@@ -79,8 +82,16 @@ class LossConfig:
     """The training loss and the extra eval metrics."""
 
     name: str = "cross_entropy"
-    """cross_entropy | mse | l1 | smooth_l1 | bce_with_logits | a function 'package.module:function' of
-    (outputs, targets) returning one loss per sample (shape [batch]); see dtrain/loop/task.py."""
+    """cross_entropy | causal_lm | mse | l1 | smooth_l1 | bce_with_logits | a function
+    'package.module:function' of (outputs, targets) returning one loss per sample (shape [batch]), or a pair
+    (values, weights) of them: the loss is then the global sum of the values over the global sum of the
+    weights (see dtrain/loop/task.py). cross_entropy and causal_lm are token-weighted: the mean over every
+    real target of the global batch (targets [batch, time] for logits [batch, time, vocab] or [batch, vocab,
+    time]). causal_lm: next-token cross-entropy of logits [batch, time, vocab] against labels [batch, time]
+    shifted by one inside the loss (Hugging Face's convention: the labels are the input ids)."""
+    ignore_index: int = -100
+    """cross_entropy, causal_lm and accuracy: targets equal to this are padding and count nowhere (not in the
+    loss, the gradient or the token count)."""
     metrics: list[str] = field(default_factory=list)
     """Extra eval metrics: accuracy | mae | 'package.module:function' of (outputs, targets) returning one
     value per sample; each is logged as its mean over the eval set. cross_entropy and bce_with_logits

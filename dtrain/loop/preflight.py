@@ -25,8 +25,8 @@ from dtrain.errors import DTrainError
 from dtrain.data.source import to_device
 from dtrain.loop.task import Task
 
-CLASS_LOSSES = ("cross_entropy",)
-"""Built-in losses whose model outputs are [batch, classes, ...]."""
+CLASS_LOSSES = ("cross_entropy", "causal_lm")
+"""Built-in losses whose model outputs are [batch, classes, ...] (or [batch, time, vocab])."""
 
 
 def _shape(t: Any) -> str:
@@ -56,27 +56,32 @@ def check_first_batch(model: nn.Module, task: Task, data: Datasets, device: torc
     try:
         with torch.no_grad(), autocast():  # as training runs it: a bf16 model needs bf16 autocast
             try:
-                out = model(x)
+                raw = task.call(model, x)
             except DTrainError:
                 raise
             except Exception as exc:
                 raise DTrainError(f"{model_label}: the model's forward on a batch of {n} training samples "
                                   f"(inputs {_shape(x)}) raised {_why(exc)}") from None
-            if not isinstance(out, torch.Tensor):
-                raise DTrainError(f"{model_label}: the model returned {type(out).__name__}; expected one tensor "
-                                  f"of outputs [batch, ...] (for {loss_label})")
+            try:
+                out = task.outputs(raw)
+            except DTrainError as exc:
+                raise DTrainError(f"{model_label}: {exc} (for {loss_label})") from None
             if out.dim() == 0 or out.shape[0] != n:
                 raise DTrainError(f"{model_label}: the model returned outputs {_shape(out)} for a batch of {n}; "
                                   "expected the batch first, [batch, ...]")
             classes = data.num_classes
             # Fewer outputs than classes cannot train (a label indexes past the logits); more can: the
             # class count may be inferred from the labels present, and a user may size a head on purpose.
-            if task.loss_name in CLASS_LOSSES and classes is not None and out.dim() >= 2 and out.shape[1] < classes:
-                raise DTrainError(f"{model_label}: the model gives {out.shape[1]} outputs per sample (outputs "
-                                  f"{_shape(out)}), but the data has {classes} classes; expected outputs "
-                                  f"[batch, {classes}] (or more) for {loss_label}")
+            # A language model's logits are [batch, time, vocab]: the classes are last.
+            last = out.dim() == 3 and isinstance(y, torch.Tensor) and y.shape == out.shape[:-1]
+            given = out.shape[-1 if last else 1] if out.dim() >= 2 else 0
+            if task.loss_name in CLASS_LOSSES and classes is not None and out.dim() >= 2 and given < classes:
+                raise DTrainError(f"{model_label}: the model gives {given} outputs per "
+                                  f"{'position' if last else 'sample'} (outputs {_shape(out)}), but the data has "
+                                  f"{classes} classes; expected outputs "
+                                  f"[batch, {'time, ' if last else ''}{classes}] (or more) for {loss_label}")
             try:
-                values = task.loss(out.float() if out.is_floating_point() else out, y)
+                values, _ = task.loss(out.float() if out.is_floating_point() else out, y)
             except DTrainError as exc:
                 raise DTrainError(f"{exc} (the outputs of {model_label})") from None
             except Exception as exc:

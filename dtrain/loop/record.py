@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 # How a record's fields are named on the dashboards (W&B, TensorBoard): metrics.jsonl
 # keeps the flat record schema, the dashboards get "section/name" for every value but
-# the sample count. Every value reaches them, a user metric's under its own name.
+# the sample and token counts. Every value reaches them, a user metric's under its own name.
 DASHBOARD_PREFIX = {"train": "train/", "train_epoch": "train/epoch_", "eval": "eval/"}
-NOT_ON_DASHBOARDS = {"samples"}
+NOT_ON_DASHBOARDS = {"samples", "tokens"}
 
 
 @dataclass(frozen=True)

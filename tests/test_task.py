@@ -102,3 +102,68 @@ def test_batches_are_pairs_or_dicts_with_the_configured_keys() -> None:
         task.split((x, y, y))
     with pytest.raises(DTrainError, match="a batch is Tensor; expected"):
         task.split(x)
+
+
+def _token_mean(task_loss: str, out: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> float:
+    total, weight = build_task(task_loss, [], "i", "t", ignore_index).loss_terms(out, y)
+    return total.item() / weight.item()
+
+
+def test_cross_entropy_is_the_mean_over_real_tokens_in_either_layout() -> None:
+    logits, y = torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5))  # [batch, time, vocab]
+    y[0, 2:] = -100
+    y[2, 1:] = 3  # ignore_index=3 below
+    expected = F.cross_entropy(logits.reshape(-1, 7), y.reshape(-1), ignore_index=-100).item()
+    assert _token_mean("cross_entropy", logits, y) == pytest.approx(expected, rel=1e-6)
+    assert _token_mean("cross_entropy", logits.transpose(1, 2), y) == pytest.approx(expected, rel=1e-6)  # torch's
+    expected3 = F.cross_entropy(logits.reshape(-1, 7), y.clamp_min(0).reshape(-1), ignore_index=3).item()
+    assert _token_mean("cross_entropy", logits, y.clamp_min(0), 3) == pytest.approx(expected3, rel=1e-6)
+
+
+def test_causal_lm_shifts_the_labels_by_one() -> None:
+    logits, labels = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    labels[1, 4:] = -100
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 9), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert _token_mean("causal_lm", logits, labels) == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(DTrainError, match=r"causal_lm needs logits \[batch, time, vocab\]"):
+        build_task("causal_lm", [], "i", "t").loss_terms(torch.randn(2, 9), labels)
+
+
+def test_a_user_loss_may_return_values_and_weights() -> None:
+    task = build_task(lambda o, y: ((o - y).pow(2).sum(1), torch.full((o.shape[0],), 2.0)), [], "i", "t")
+    total, weight = task.loss_terms(torch.ones(3, 2), torch.zeros(3, 2), first=2)
+    assert (total.item(), weight.item()) == (4.0, 4.0)
+
+
+class _Out:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+@pytest.mark.parametrize("returned", [lambda t: t, lambda t: {"logits": t, "loss": None}, _Out,
+                                      lambda t: (t, torch.tensor(1.0)), lambda t: [t]])
+def test_a_model_may_return_its_logits_in_several_ways(returned) -> None:  # type: ignore[no-untyped-def]
+    logits = torch.randn(2, 3)
+    task = build_task("cross_entropy", [], "*", "labels")
+    x, y = task.split({"input_ids": torch.zeros(2), "mask": torch.ones(2), "labels": torch.zeros(2)})
+    assert sorted(x) == ["input_ids", "mask"] and y.tolist() == [0, 0]  # the targets are not passed
+
+    def model(input_ids: torch.Tensor, mask: torch.Tensor) -> object:
+        return returned(logits)
+
+    assert task.forward(model, x) is logits
+
+
+@pytest.mark.parametrize("returned, needle", [
+    ("text", "the model returned str;"),
+    (None, "the model returned NoneType;"),
+    ({"loss": torch.tensor(1.0)}, "the model returned a dict with keys ['loss'];"),
+    (("a", torch.zeros(2)), "the model returned a tuple whose first element is str;"),
+    ((), "the model returned an empty tuple;"),
+])
+def test_a_model_returning_no_logits_is_one_line(returned: object, needle: str) -> None:
+    task = build_task("cross_entropy", [], "input", "target")
+    with pytest.raises(DTrainError) as err:
+        task.forward(lambda x: returned, torch.zeros(2))
+    msg = str(err.value)
+    assert needle in msg and "a tuple whose first element is the outputs" in msg and "\n" not in msg

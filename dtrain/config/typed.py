@@ -257,7 +257,8 @@ def _value(key: str, text: str, tp: Any) -> Any:
     if inner is str:
         if stripped == "":
             return None if optional else ""
-        if stripped not in yamlfile.NULL_WORDS and stripped[0] not in "[{'\"!&*|>%@`":
+        # A lone '*' (data.input_key=*) is no YAML alias: it can only mean itself.
+        if stripped == "*" or stripped not in yamlfile.NULL_WORDS and stripped[0] not in "[{'\"!&*|>%@`":
             return stripped
     try:
         return yamlfile.parse(text)

@@ -5,7 +5,9 @@ spells it in its own messages (a model factory's "allowed: mlp | cnn | ..."), so
 plus its implementation. Plain tuples: loading a config imports no torch.
 """
 
-DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "tokens")
+SAMPLINGS = ("random", "strided")
+TOKEN_DTYPES = ("uint16", "uint32")
 GENERATED_DATASETS = ("digits", "synthetic")
 """Built in memory, from scikit-learn's bundled digits or a seeded generator: nothing to download."""
 MODELS = ("mlp", "cnn")

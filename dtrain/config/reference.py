@@ -25,6 +25,8 @@ FACTORY = "a factory 'package.module:function'"
 # The text after the tuple is what the key accepts besides its names.
 CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "data.name": (choices.DATASETS, FACTORY),
+    "data.sampling": (choices.SAMPLINGS, ""),
+    "data.token_dtype": (choices.TOKEN_DTYPES, ""),
     "model.name": (choices.MODELS, FACTORY),
     "model.init": (choices.MODEL_INITS, ""),
     "loss.name": (choices.LOSSES, "a function 'package.module:function'"),

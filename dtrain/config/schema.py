@@ -31,7 +31,8 @@ class DataConfig:
     """Directory holding the torchvision datasets' files."""
     download: bool = False
     """Let torchvision download missing files (needs internet): rank 0 first, then the first rank of each
-    other node fetches what its node lacks, so node-local and shared data.root both work."""
+    other node fetches what its node lacks, so node-local and shared data.root both work. data.name=tokens:
+    fetch tiny Shakespeare into data.path when its train file is missing (the same way)."""
     batch_size: int = 32
     """Samples per process per micro-step; the global batch is this x grad_accum_steps x world_size."""
     eval_batch_size: int = 256
@@ -56,6 +57,19 @@ class DataConfig:
     """synthetic only: input width."""
     num_classes: int = 10
     """synthetic only: number of classes."""
+    path: str = "data/shakespeare_char"
+    """tokens only: a folder in nanoGPT's layout: train.bin and val.bin (or train.npy and val.npy) of token ids,
+    and an optional meta.pkl whose vocab_size is the vocabulary (else the largest id + 1). With
+    data.download=true and no train file there, rank 0 writes tiny Shakespeare into it, encoded as characters."""
+    block_size: int = 64
+    """tokens only: tokens per window; a sample is a window x and its targets y, the same tokens shifted by one."""
+    sampling: str = "random"
+    """tokens only: random (each step draws its windows at random offsets, a function of train.seed, the epoch,
+    the step and the window's place in the global batch: nanoGPT's sampler, the same windows at any number of
+    processes; an epoch is as many steps as cover (tokens - 1) // block_size windows) | strided (epochs of the
+    non-overlapping windows, shuffled, as any other data set)."""
+    token_dtype: str = "uint16"
+    """tokens only: the integer type of the ids in a .bin file (a .npy file says its own): uint16 | uint32."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from dtrain.config.choices import (BACKENDS, CATCHABLE_SIGNALS, DATASETS, DEVICES, GRAD_COMPRESSIONS, LOSSES,
                                    METRICS, MODEL_INITS, MODELS, MONITOR_MODES, ON_NONFINITE, OPTIMIZERS, PRECISIONS,
-                                   PROGRESS, SCHEDULES, STRATEGIES)
+                                   PROGRESS, SAMPLINGS, SCHEDULES, STRATEGIES, TOKEN_DTYPES)
 from dtrain.config.schema import Config, OptimConfig
 from dtrain.errors import ConfigError
 
@@ -36,6 +36,10 @@ def validate(cfg: Config) -> None:
     _check(d.eval_size >= 1, "data.eval_size", d.eval_size, "an integer >= 1")
     _check(d.num_features >= 1, "data.num_features", d.num_features, "an integer >= 1")
     _check(d.num_classes >= 2, "data.num_classes", d.num_classes, "an integer >= 2")
+    _check(d.block_size >= 1, "data.block_size", d.block_size, "an integer >= 1")
+    _choice("data.sampling", d.sampling, SAMPLINGS)
+    _choice("data.token_dtype", d.token_dtype, TOKEN_DTYPES)
+    _check(bool(d.path), "data.path", d.path, "a folder holding train.bin and val.bin (or .npy)")
     _check(d.fast_path or not d.device_resident, "data.device_resident", d.device_resident,
            "false with data.fast_path=false (device-resident data is read by the fast path)")
 

@@ -1,4 +1,5 @@
-"""The datasets data.name picks: digits and synthetic (built here), the vision sets, or a user's factory."""
+"""The datasets data.name picks: digits and synthetic (built here), token files, the vision sets, or a user's
+factory."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dtrain.config import DATASETS, DataConfig
+from dtrain.data.tokens import token_datasets
 from dtrain.data.types import Datasets, as_datasets
 from dtrain.data.vision import vision_datasets
 from dtrain.errors import DTrainError
@@ -61,6 +63,8 @@ def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
         return digits()
     if cfg.name == "synthetic":
         return synthetic(cfg, seed)
+    if cfg.name == "tokens":
+        return token_datasets(cfg)
     if ":" in cfg.name:
         return factory_datasets(cfg, seed)
     return vision_datasets(cfg.name, cfg.root)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from dtrain.config import GENERATED_DATASETS, DataConfig
 from dtrain.data.builtin import factory_datasets
+from dtrain.data.char_text import prepare_shakespeare
 from dtrain.data.vision import download_files
 from dtrain.runtime.dist import DistState
 
@@ -17,6 +20,10 @@ def fetch_datasets(cfg: DataConfig, seed: int, dist_state: DistState) -> None:
     node-local.
     """
     if not cfg.download or cfg.name in GENERATED_DATASETS:
+        return
+    if cfg.name == "tokens":
+        folder = os.path.expanduser(cfg.path)
+        dist_state.run_on_node_main(lambda: prepare_shakespeare(folder))
         return
     if ":" in cfg.name:
         # A user factory with download=true: built once on each node's first rank

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import multiprocessing
 import os
 import signal
@@ -23,7 +24,9 @@ from dtrain.config import DataConfig
 from dtrain.data.batches import TensorBatches, batched_source
 from dtrain.data.items import named_items
 from dtrain.data.samplers import ShardSampler, TrainSampler
-from dtrain.data.source import SamplerSource
+from dtrain.data.random_windows import RandomWindows
+from dtrain.data.source import SamplerSource, TrainSource
+from dtrain.data.tokens import TokenWindows
 from dtrain.data.types import Datasets
 from dtrain.errors import DTrainError
 from dtrain.runtime.dist import DistState
@@ -33,7 +36,7 @@ from dtrain.runtime.signals import worker_signals
 
 @dataclass
 class Loaders:
-    train: SamplerSource
+    train: TrainSource
     """The train source: windows of this rank's batches, and its own place in the epoch."""
     eval: Optional[Any]
     """None when the run has no eval set; else a DataLoader or a TensorBatches."""
@@ -88,14 +91,23 @@ def _worker_init(names: tuple[str, ...], ending: Any, worker_id: int) -> None:
 
 
 def _train_source(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistState, k: int,
-                  init: Optional[Callable[[int], None]]) -> SamplerSource:
-    sampler = TrainSampler(
-        data.train, num_replicas=dist_state.world_size, rank=dist_state.rank, shuffle=True, seed=seed,
-        drop_last=False)
+                  init: Optional[Callable[[int], None]]) -> TrainSource:
     # The sampler orders the data alike on every rank; this generator only seeds the
     # workers (torch, random and numpy in each), per rank, so random augmentations
     # differ between ranks and repeat run after run.
     workers_rng = torch.Generator().manual_seed(rank_seed(seed, dist_state.rank, dist_state.world_size))
+    tokens = data.train if isinstance(data.train, TokenWindows) else None
+    if tokens is not None and cfg.sampling == "random":
+        source = RandomWindows(tokens, seed, dist_state.rank, dist_state.world_size, cfg.batch_size, k, workers_rng)
+        # Read once now, so ids beyond meta.pkl's vocabulary fail set-up, before the run writes anything.
+        tokens.at(source.offsets(0, 0))
+        return source
+    sampler = TrainSampler(
+        data.train, num_replicas=dist_state.world_size, rank=dist_state.rank, shuffle=True, seed=seed,
+        drop_last=False)
+    if tokens is not None:
+        first = list(itertools.islice(iter(sampler), k * cfg.batch_size))  # epoch 0's first window on this rank
+        tokens.get_batch(torch.tensor(first, dtype=torch.long))
     reader = _fast_reader(data.train, cfg, dist_state.device, "train")
     batches: Any
     if reader is not None:

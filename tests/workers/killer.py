@@ -56,15 +56,17 @@ def install(spec: str) -> None:
         real_save = torch.save
 
         def save(obj, f, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if str(getattr(f, "name", "")).endswith("state.pt"):  # a checkpoint file, not model.pt
+            # A checkpoint file, not model.pt; torch.save writes it through a HashingWriter (its file is .f).
+            is_state = str(getattr(getattr(f, "f", f), "name", "")).endswith("state.pt")
+            if is_state:
                 count[0] += 1
-            if count[0] == target and str(getattr(f, "name", "")).endswith("state.pt"):
+            if count[0] == target and is_state:
                 buf = io.BytesIO()
                 real_save(obj, buf, *args, **kwargs)
                 data = buf.getvalue()
                 f.write(data[: len(data) // 2])
                 f.flush()
-                os.fsync(f.fileno())
+                os.fsync(getattr(f, "f", f).fileno())
                 kill_job()
             return real_save(obj, f, *args, **kwargs)
 

@@ -26,6 +26,7 @@ from dtrain.loop.engine import FitResult, fit
 from dtrain.loop.nonfinite import NonFiniteGuard
 from dtrain.loop.optim import GroupInfo
 from dtrain.loop.state import TrainState
+from dtrain.loop.throughput import first_input, measure_throughput
 from dtrain.runtime.console import print_main
 from dtrain.runtime.files import write_atomic
 from dtrain.runtime.signals import StopSignals
@@ -120,8 +121,12 @@ def _fit(setup: Setup, given: Given, logger: MultiLogger, progress: Progress, si
         load_states({"states": setup.resumed.states}, states, setup.resumed.path)
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, setup.dist_state.device,
                            check_grads=state.precision.scaler is None)
+    dist_state = setup.dist_state
+    throughput = measure_throughput(first_input(setup.data.train, setup.task.split), state.module, dist_state.device,
+                                    dist_state.world_size, cfg.log.peak_tflops,
+                                    progress.print if dist_state.is_main else lambda line: None)
     duties = build_duties(state, logger, progress, setup.meter, guard, saver, signals, cfg.checkpoint.every_steps,
-                          cfg.checkpoint.every_minutes, setup.callbacks, list(extras.values()))
+                          cfg.checkpoint.every_minutes, setup.callbacks, list(extras.values()), throughput)
     outcome = fit(state, setup.task, setup.loaders.train, setup.loaders.eval, plan_for(cfg), duties)
     ema = extras.get("ema")
     if isinstance(ema, EMA) and not outcome.paused and setup.dist_state.is_main:  # rank 0 writes it

@@ -14,6 +14,7 @@ from dtrain.loop.checks import Agreement, Checks
 from dtrain.loop.hooks import Callback, RunView
 from dtrain.loop.meters import Meter, Timer
 from dtrain.loop.record import Record
+from dtrain.loop.throughput import Throughput
 from dtrain.runtime.dist import DistState
 from dtrain.runtime.startup import process_start
 
@@ -22,10 +23,12 @@ class TrainLog(Callback):
     requests_alone = False
 
     def __init__(self, logger: MultiLogger, progress: Progress, meter: Meter, clock: Timer, checks: Checks,
-                 show_skipped: bool) -> None:
+                 show_skipped: bool, throughput: Throughput = Throughput()) -> None:
         self.logger, self.progress, self.meter, self.clock, self.checks = logger, progress, meter, clock, checks
         self.show_skipped = show_skipped
         """Whether records carry skipped_steps (fp16's scaler, or train.on_nonfinite=skip)."""
+        self.throughput = throughput
+        """How samples_per_s becomes tokens_per_s and mfu (token data; a model that counts its FLOPs)."""
         self._startup_s: Optional[float] = None  # launch to the end of the first step; in the next train record
         self._started = False
 
@@ -46,6 +49,7 @@ class TrainLog(Callback):
         if norm is not None:
             values["grad_norm"] = totals.extra[0]
         values["samples_per_s"] = totals.samples / elapsed
+        values.update(self.throughput.values(values["samples_per_s"]))
         values["step_time_s"] = elapsed / max(self.clock.steps, 1)
         values["data_time_fraction"] = self.clock.data / elapsed
         if state.dist.device.type == "cuda":

@@ -24,6 +24,7 @@ from dtrain.loop.nonfinite import NonFiniteGuard
 from dtrain.loop.state import TrainState
 from dtrain.loop.task import Task
 from dtrain.loop.steering import Steering
+from dtrain.loop.throughput import Throughput
 from dtrain.runtime.agreement import LaggedAgreement
 from dtrain.runtime.signals import StopSignals
 
@@ -51,9 +52,10 @@ def build_duties(state: TrainState, logger: MultiLogger, progress: Progress, met
                  guard: Optional[NonFiniteGuard] = None, checkpointer: Optional[Saves] = None,
                  signals: Optional[StopSignals] = None, every_steps: Optional[int] = None,
                  every_minutes: Optional[float] = None, callbacks: Sequence[Callback] = (),
-                 extras: Sequence[Callback] = ()) -> Duties:
+                 extras: Sequence[Callback] = (), throughput: Throughput = Throughput()) -> Duties:
     """Right before `fit`: the logging window's clock starts here. `meter`: a resumed run's sums. `extras`:
-    dtrain's optional duties (`build_extras`), called after its own and before the user's `callbacks`."""
+    dtrain's optional duties (`build_extras`), called after its own and before the user's `callbacks`.
+    `throughput`: what the train records' tokens_per_s and mfu are computed from."""
     dist_state = state.dist
     meter = meter if meter is not None else Meter(dist_state.device)
     clock = Timer()
@@ -61,7 +63,7 @@ def build_duties(state: TrainState, logger: MultiLogger, progress: Progress, met
     checks = Checks(dist_state, [LoggerHealth(logger, dist_state, agreement)], agreement)
     watching = guard if guard is not None and guard.active else None
     show_skipped = state.precision.scaler is not None or (watching is not None and watching.skips)
-    stack: list[Callback] = [TrainLog(logger, progress, meter, clock, checks, show_skipped)]
+    stack: list[Callback] = [TrainLog(logger, progress, meter, clock, checks, show_skipped, throughput)]
     if watching is not None:
         check = NonFiniteCheck(watching, state)
         checks.checks.append(check)

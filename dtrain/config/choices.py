@@ -10,7 +10,7 @@ SAMPLINGS = ("random", "strided")
 TOKEN_DTYPES = ("uint16", "uint32")
 GENERATED_DATASETS = ("digits", "synthetic")
 """Built in memory, from scikit-learn's bundled digits or a seeded generator: nothing to download."""
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "gpt")
 MODEL_INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 LOSSES = ("cross_entropy", "causal_lm", "mse", "l1", "smooth_l1", "bce_with_logits")
 METRICS = ("accuracy", "mae")

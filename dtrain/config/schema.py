@@ -77,9 +77,11 @@ class ModelConfig:
     """The model: a built-in or a factory, its initialisation, and which parameters train."""
 
     name: str = "mlp"
-    """mlp | cnn | a user factory 'package.module:function', e.g. torchvision.models:resnet18. It is called
-    with those of input_shape and num_classes it names (num_classes is the number of outputs: the classes,
-    or a regression target's width), plus model.kwargs."""
+    """mlp | cnn | gpt | a user factory 'package.module:function', e.g. torchvision.models:resnet18. It is
+    called with those of input_shape and num_classes it names (num_classes is the number of outputs: the
+    classes, or a regression target's width), plus model.kwargs. gpt: a decoder-only transformer for token data
+    (dtrain/models/gpt.py), its window length from the data's block size and its vocabulary from the data;
+    model.kwargs n_layer (4), n_head (4), n_embd (128), dropout (0.0), bias (true), block_size (the data's)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a model factory, e.g. {num_classes: 10}; always passed, and they win."""
     hidden: list[int] = field(default_factory=lambda: [128, 64])
@@ -105,7 +107,8 @@ class LossConfig:
     shifted by one inside the loss (Hugging Face's convention: the labels are the input ids)."""
     ignore_index: int = -100
     """cross_entropy, causal_lm and accuracy: targets equal to this are padding and count nowhere (not in the
-    loss, the gradient or the token count)."""
+    loss, the gradient or the token count). With one class label per sample (classification), cross_entropy
+    keeps the plain per-sample mean: a sample labelled this adds a loss of 0 and still counts."""
     metrics: list[str] = field(default_factory=list)
     """Extra eval metrics: accuracy | mae | 'package.module:function' of (outputs, targets) returning one
     value per sample; each is logged as its mean over the eval set. cross_entropy and bce_with_logits
@@ -268,6 +271,11 @@ class LogConfig:
     """Write TensorBoard event files under <output_dir>/tensorboard/."""
     progress: str = "auto"
     """auto (a bar when stdout is a terminal, lines otherwise) | bar | lines | none."""
+    peak_tflops: Optional[float] = None
+    """One device's peak, in TFLOP/s, against which train records report mfu (model FLOPs utilisation) for a
+    model that says its FLOPs per token (model.name=gpt does). Unset: the dense bf16 peak of a known GPU, found
+    by its name (H100 and H200 989, A100 312); for an unknown GPU or on a CPU no mfu is logged (and the run's
+    start says so once)."""
 
 
 @dataclass

@@ -114,6 +114,8 @@ def validate(cfg: Config) -> None:
 
     _check(lg.every_steps >= 1, "log.every_steps", lg.every_steps, "an integer >= 1")
     _choice("log.progress", lg.progress, PROGRESS)
+    _check(lg.peak_tflops is None or (lg.peak_tflops > 0 and math.isfinite(lg.peak_tflops)), "log.peak_tflops",
+           lg.peak_tflops, "a number > 0, or null")
 
     f = cfg.lr_find
     _check(f.start_lr > 0, "lr_find.start_lr", f.start_lr, "a number > 0")

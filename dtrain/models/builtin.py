@@ -12,6 +12,7 @@ from torch import nn
 
 from dtrain.config import MODELS, ModelConfig
 from dtrain.errors import ConfigError, DTrainError
+from dtrain.models.gpt import build_gpt
 from dtrain.runtime.factories import call_factory, load_callable
 
 
@@ -54,6 +55,8 @@ def _name_error(path: str, why: str) -> DTrainError:
 
 def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]], num_classes: Optional[int]) -> nn.Module:
     """The configured model, initialised and frozen as the config says."""
+    if cfg.name == "gpt":
+        return prepare_model(build_gpt(input_shape, num_classes, dict(cfg.kwargs)), cfg.init, cfg.freeze)
     if cfg.name in MODELS:
         unknown = set(cfg.kwargs) - {"input_shape", "num_classes"}
         if unknown:

@@ -108,7 +108,13 @@ def cross_entropy(out: torch.Tensor, y: torch.Tensor, ignore_index: int = IGNORE
     if dim is None:
         return per_sample(F.cross_entropy(out, y, reduction="none")), None
     logits = out.movedim(-1, 1) if dim == -1 else out
-    return _summed(F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index), y != ignore_index)
+    values = F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index)
+    if y.dim() == 1:
+        # One label per sample (classification): the per-sample mean, as before, with no weights. Weights would
+        # cost every step an all-reduce and a pass over the gradients to learn a total that equals the sample
+        # count unless a label is ignore_index (such a sample adds a loss of 0 and still counts as one).
+        return values, None
+    return _summed(values, y != ignore_index)
 
 
 def causal_lm(out: torch.Tensor, y: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> Terms:

@@ -17,6 +17,8 @@ from dtrain.errors import ConfigError, DTrainError
 from dtrain.loop.throughput import (Throughput, device_peak_tflops, first_input, model_flops_per_token,
                                     tokens_per_sample)
 from dtrain.models.builtin import build_model
+from dtrain.__main__ import main as dtrain_main
+from dtrain.data.char_text import encode_chars
 from dtrain.models.gpt import GPT, Block
 from helpers import records
 
@@ -131,6 +133,25 @@ def test_model_kwargs_are_checked() -> None:
         gpt(dropout=1.0)
     with pytest.raises(DTrainError, match=r"allowed: token data .* got inputs of shape \(1, 28, 28\)"):
         build_model(ModelConfig(name="gpt"), (1, 28, 28), 10)
+
+
+def test_the_command_line_refuses_a_block_size_beyond_the_models(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    encode_chars("to be or not to be, that is the question\n" * 20, str(tmp_path / "chars"))
+    common = ["data.name=tokens", f"data.path={tmp_path / 'chars'}", "data.block_size=32", "model.name=gpt",
+              "loss.name=causal_lm"]
+    out = tmp_path / "run"
+    assert dtrain_main([*common, "model.kwargs={block_size: 16}", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("dtrain: error: config key 'model.kwargs.block_size' has value 16; allowed: at least the data's "
+                   "block size (data.block_size=32): the model's position table must cover every position of a "
+                   "window; unset, it is the data's\n")
+    assert not out.exists()  # refused before anything was written
+    # Not token data: one line too, not an embedding's index error.
+    assert dtrain_main(["model.name=gpt", f"output_dir={out}"]) == 2
+    assert capsys.readouterr().err == ("dtrain: error: model.name=gpt takes token ids, integers [batch, T]; it was "
+                                       "given torch.float32 inputs (32, 64) (token data: data.name=tokens)\n")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- tokens_per_s and mfu

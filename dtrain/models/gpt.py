@@ -117,6 +117,9 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] (T <= block_size) -> logits [B, T, vocab_size]."""
+        if idx.is_floating_point() or idx.dim() != 2:
+            raise DTrainError(f"model.name=gpt takes token ids, integers [batch, T]; it was given {idx.dtype} inputs "
+                              f"{tuple(idx.shape)} (token data: data.name=tokens)")
         T = idx.shape[1]
         if T > self.block_size:
             raise DTrainError(f"the GPT was given {T} tokens per sequence; its block_size is {self.block_size}")

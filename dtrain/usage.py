@@ -17,6 +17,7 @@ COMMANDS = {
     "python -m dtrain.eval RUN_DIR [--checkpoint ...]": "evaluate a run's weights",
     "python -m dtrain.predict RUN_DIR OUT_FILE": "the model's outputs for every sample",
     "python -m dtrain.plot RUN_DIR": "training curves into RUN_DIR/curves.png",
+    "python -m dtrain.sample RUN_DIR --prompt TEXT --tokens N": "text from a character-level GPT run",
 }
 
 

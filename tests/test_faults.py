@@ -309,7 +309,8 @@ def test_the_peer_watch_blames_the_dead_and_the_stalled_peer() -> None:
     for r, w in enumerate(watches):
         w.step_of = lambda r=r: 10 + r
     time.sleep(0.3)
-    watches[1].close()  # its last beat and step stay in the store
+    watches[1]._stop.set()  # killed: its thread stops without a word, its last beat and step stay in the store
+    watches[1]._thread.join()
     rank3 = threading.Thread(target=watches[3].diagnose, args=(True,))
     rank3.start()
     blame = watches[0].diagnose(True)
@@ -396,3 +397,53 @@ def test_a_failure_names_what_the_loop_was_doing(tmp_path: Path, monkeypatch: py
                      overrides=["train.epochs=3", "data.batch_size=12", "checkpoint.every_steps=3",
                                 "log.every_steps=2", "log.progress=none", f"output_dir={tmp_path}"])
     assert getattr(info.value, "dtrain_where") == where
+
+
+def test_only_a_stopped_silent_peer_is_frozen_not_one_that_is_finishing_or_running() -> None:
+    """Four watches on one real store, ranks 1-3 standing for real processes on this host: rank 1 failed and
+    is on its way out (said done, process alive), rank 2 is SIGSTOPped, rank 3 is silent but asleep. Only rank 2
+    is frozen and ended; rank 1 is not blamed as frozen, rank 3 is named and left to the launcher."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from dtrain.runtime import localproc
+    from dtrain.runtime.peers import PROCESS, PeerWatch
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=datetime.timedelta(seconds=5))
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        watches = [PeerWatch(store, r, 4, interval_s=0.05) for r in range(4)]
+        for r, w in enumerate(watches):
+            w.step_of = lambda r=r: 10 + r
+        time.sleep(0.3)
+        for r, child in enumerate(children, start=1):
+            store.set(f"{PROCESS}/{r}", f"{localproc._machine()} {child.pid} {localproc._stat(child.pid)[1]}")
+        watches[1].tell_failure(ValueError("its own failure"))
+        watches[1].close()
+        for r in (2, 3):  # silent without a word, as a frozen process is
+            watches[r]._stop.set()
+            watches[r]._thread.join()
+        os.kill(children[1].pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        blame, frozen = watches[0].examine(False)
+        assert blame == {
+            1: "last heard of at step 11: it failed or stopped on its own, its own line says why",
+            2: f"last heard of at step 12, no heartbeat: frozen, its process {children[1].pid} on this host is "
+               "stopped (SIGSTOP?); ended with SIGKILL",
+            3: f"last heard of at step 13, no heartbeat: its process {children[2].pid} on this host is asleep (hung "
+               "in native code?); left to the launcher"}
+        assert [p.pid for p in frozen] == [children[1].pid]
+        assert localproc.kill(frozen[0])
+        assert children[1].wait(timeout=10) == -signal.SIGKILL
+        assert children[0].poll() is None and children[2].poll() is None
+        os.kill(children[2].pid, signal.SIGCONT)
+        assert not localproc.kill(localproc.find(f"{localproc._machine()} {children[2].pid} "
+                                                 f"{localproc._stat(children[2].pid)[1]}"))  # not stopped: spared
+        assert children[2].poll() is None
+        for w in watches:
+            w.close()
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 _STATES = {"T": "stopped (SIGSTOP?)", "t": "stopped by a debugger", "D": "stuck in the kernel (swapping?)",
-           "Z": "dead"}
+           "Z": "dead", "R": "running", "S": "asleep"}
+_STOPPED = ("T", "t")
+"""The only states in which a silent process is surely frozen: one running or asleep may be busy in native
+code or on its way out, and is left to the launcher."""
 
 
 def _stat(pid: int) -> Optional[tuple[str, str]]:
@@ -52,6 +55,8 @@ class LocalPeer:
     start: str
     state: str
     """What the process is doing, in words: 'stopped (SIGSTOP?)', 'running', ..."""
+    stopped: bool = False
+    """Stopped by a signal or a debugger: it runs nothing until continued, so it is frozen."""
 
 
 def find(name: Optional[str]) -> Optional[LocalPeer]:
@@ -69,16 +74,29 @@ def find(name: Optional[str]) -> Optional[LocalPeer]:
     stat = _stat(pid)
     if stat is None or stat[1] != start or stat[0] == "Z":
         return None
-    return LocalPeer(pid, start, _STATES.get(stat[0], "running"))
+    return LocalPeer(pid, start, _STATES.get(stat[0], f"in state {stat[0]}"), stat[0] in _STOPPED)
 
 
 def kill(peer: LocalPeer) -> bool:
-    """SIGKILL `peer` if that pid is still the same process; whether it was sent."""
-    stat = _stat(peer.pid)
-    if stat is None or stat[1] != peer.start:
-        return False
+    """SIGKILL `peer` if that pid is still the same process and still stopped; whether it was sent.
+
+    Through a pidfd where there is one: opened first and the identity checked after, the signal cannot
+    reach a process that took the pid between the check and the kill."""
     try:
-        os.kill(peer.pid, signal.SIGKILL)
+        handle: Optional[int] = os.pidfd_open(peer.pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        handle = None  # no pidfd (kernel < 5.3, not Linux) or no such process: checked below
+    try:
+        stat = _stat(peer.pid)
+        if stat is None or stat[1] != peer.start or stat[0] not in _STOPPED:
+            return False
+        if handle is not None:
+            signal.pidfd_send_signal(handle, signal.SIGKILL)  # type: ignore[attr-defined]
+        else:
+            os.kill(peer.pid, signal.SIGKILL)
     except OSError:
         return False
+    finally:
+        if handle is not None:
+            os.close(handle)
     return True

@@ -21,6 +21,8 @@ ARRIVED = "dtrain/arrived"
 FAILED = "dtrain/failed"
 WAITED = "dtrain/waited"
 PROCESS = "dtrain/process"
+DONE = "dtrain/done"
+"""dtrain/done/{rank}: the rank is finishing (it failed, or its run ended): its heartbeat stops on purpose."""
 
 
 def rendezvous(launch: LaunchInfo, start_timeout_s: int, step_timeout_s: int) -> Any:
@@ -112,8 +114,19 @@ class PeerWatch:
         (a second run in the same process binds MASTER_PORT again)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self._say_done()
         self.store = None
         self.step_of = lambda: 0
+
+    def _say_done(self) -> None:
+        """Tell the peers that this rank's heartbeat stops on purpose: a rank that failed lives on a while,
+        silent, to tear down and report, and a peer failing later must not take it for frozen."""
+        if self.store is None:
+            return
+        try:
+            self.store.set(f"{DONE}/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - the store may be what failed
+            pass
 
     def _get(self, key: str) -> Optional[str]:
         if self.store is None:
@@ -144,11 +157,14 @@ class PeerWatch:
         frozen peers on this host that this rank is to end.
 
         After a timeout every rank that waited says so; the ones that did not were not in the
-        collective. A peer whose heartbeat stops is gone (dead, or frozen in native code). One whose
-        process is still there, on this host, is frozen: stopped, swapped out, or holding the GIL
-        in native code. It cannot act on the launcher's SIGTERM, and the launcher waits its own grace
-        (30 s under torchrun) before the SIGKILL that ends the job, so this rank ends it (see
-        faults.report: after this rank's line)."""
+        collective. A peer whose heartbeat stops is gone (dead, or frozen in native code), unless it
+        said it is finishing (DONE: it failed too and is on its way out) or it waited in the
+        collective with this rank. One whose process is still there, on this host, and stopped
+        (SIGSTOP, a debugger) is frozen: it cannot act on the launcher's SIGTERM, and the launcher
+        waits its own grace (30 s under torchrun) before the SIGKILL that ends the job, so this rank
+        ends it (dist, once this rank's line is out). A silent process in any other state (running,
+        asleep, in the kernel) may be busy in native code or about to exit: it is named, and left to
+        the launcher."""
         if timed_out:
             try:
                 self.store.append(WAITED, f"{self.rank} ")  # one key for all: read back in one go
@@ -160,22 +176,31 @@ class PeerWatch:
         after = self._get_all([f"dtrain/beat/{r}" for r in peers])
         steps = self._get_all([f"dtrain/step/{r}" for r in peers])
         waited = {int(r) for r in (self._get(WAITED) or "").split()} if timed_out else set()
-        # Only a beat read twice and unchanged says "frozen": a store that cannot be read says nothing.
+        # Only a beat read twice and unchanged says "silent": a store that cannot be read says nothing.
         silent = [r for r, old, new in zip(peers, before, after) if old is not None and new == old]
-        frozen = {r: p for r, name in zip(silent, self._get_all([f"{PROCESS}/{r}" for r in silent]))
-                  if (p := localproc.find(name)) is not None}
+        done = {r for r in silent if self._get(f"{DONE}/{r}") is not None}
+        suspects = [r for r in silent if r not in done and r not in waited]
+        local = {r: p for r, name in zip(suspects, self._get_all([f"{PROCESS}/{r}" for r in suspects]))
+                 if (p := localproc.find(name)) is not None}
         blame: dict[int, str] = {}
         for r, old, new, step in zip(peers, before, after, steps):
             alive = old is not None and new != old
             at = f"last heard of at step {step}" if step is not None else "never heard of"
-            if r in frozen:
-                blame[r] = f"{at}, no heartbeat: frozen, its process {frozen[r].pid} on this host is " \
-                           f"{frozen[r].state}; ended with SIGKILL"
+            if r in done:
+                blame[r] = f"{at}: it failed or stopped on its own, its own line says why"
+            elif r in waited:
+                continue  # it was in the collective with this rank: not the cause
+            elif r in local and local[r].stopped:
+                blame[r] = f"{at}, no heartbeat: frozen, its process {local[r].pid} on this host is " \
+                           f"{local[r].state}; ended with SIGKILL"
+            elif r in local:
+                blame[r] = f"{at}, no heartbeat: its process {local[r].pid} on this host is {local[r].state} " \
+                           "(hung in native code?); left to the launcher"
             elif not alive:
                 blame[r] = f"{at}, no heartbeat: died, was killed or is frozen"
             elif timed_out and r not in waited:
                 blame[r] = f"{at}, alive but not in the collective: stalled in its own work"
-        return blame, list(frozen.values())
+        return blame, [p for p in local.values() if p.stopped]
 
     def announce_failure(self, line: str) -> None:
         if self.store is None:
@@ -194,6 +219,7 @@ class PeerWatch:
         failed under it, note on the exception which peers to blame (faults.failure_line names them)."""
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             return
+        self._say_done()  # before the wait in `examine`: a peer failing meanwhile must not end this rank
         if faults.is_communication_failure(exc):
             timed_out = faults.is_timeout(exc)
             earlier = self.failure()  # read before this rank's own announcement can take the key

@@ -167,3 +167,19 @@ def test_lr_find_holds_its_own_directory(tmp_path: Path) -> None:
         run.take(str(tmp_path))  # a training run in the same output_dir
         assert lr_find(cfg, environ={}) is not None
     assert (tmp_path / "lr_find" / "lr_find.csv").exists()
+
+
+def test_a_run_refused_in_set_up_leaves_no_directory_it_made_parents_included(tmp_path: Path) -> None:
+    """output_dir runs/exp/seed0 under a root that has none of them, and a model that fails to build: the lock made
+    all three directories, and all three go again (a one-line error writes nothing)."""
+    out = tmp_path / "runs" / "exp" / "seed0"
+    cfg = load_config(None, ["data.name=synthetic", "model.name=mlp", "model.kwargs={depth: 3}",
+                             f"output_dir={out}"])
+    with pytest.raises(DTrainError):
+        train(cfg, environ={})
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "other").mkdir()  # a sibling run's directory: runs/ is no longer only the lock's to remove
+    with RunDirLock() as lock:
+        lock.take(str(out) + "/")
+    assert sorted(os.listdir(tmp_path / "runs")) == ["other"]

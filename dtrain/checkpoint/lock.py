@@ -45,7 +45,7 @@ class RunDirLock:
     def __init__(self) -> None:
         self._fd: Optional[int] = None
         self._dir = ""
-        self._made_dir = False
+        self._made: list[str] = []
 
     @property
     def held(self) -> bool:
@@ -57,7 +57,7 @@ class RunDirLock:
         path = os.path.join(directory, LOCK_FILE)
         while True:
             try:
-                made = not os.path.isdir(directory)
+                made = _missing(directory)
                 os.makedirs(directory, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
@@ -86,7 +86,7 @@ class RunDirLock:
             if current:
                 break
             os.close(fd)
-        self._fd, self._dir, self._made_dir = fd, directory, made
+        self._fd, self._dir, self._made = fd, directory, made
         try:
             data = json.dumps(describe_this_process()).encode()
             # Written over the old text, then cut: a reader never finds the file empty, and retries a mix.
@@ -96,8 +96,8 @@ class RunDirLock:
             pass  # the lock stands; only a refused job's message would say less
 
     def release(self) -> None:
-        """Remove the file and unlock; a directory `take` made and nothing else wrote into (a run refused before
-        it wrote anything) goes too."""
+        """Remove the file and unlock; the directories `take` made (output_dir and any missing parent) go too,
+        leaf up, as long as nothing else wrote into them (a run refused before it wrote anything)."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -105,8 +105,8 @@ class RunDirLock:
             # Removed while still locked: a job that opened it meanwhile finds, once it has the lock, that the
             # file it locked is no longer the one at the path, and opens anew (see `take`).
             os.remove(os.path.join(self._dir, LOCK_FILE))
-            if self._made_dir and not os.listdir(self._dir):
-                os.rmdir(self._dir)
+            for made in self._made:
+                os.rmdir(made)  # refused once not empty: the run (or someone else) wrote there, so all above stays
         except OSError:
             pass  # a leftover lock file or empty directory blocks nothing
         finally:
@@ -122,6 +122,18 @@ class RunDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _missing(directory: str) -> list[str]:
+    """The directories makedirs(directory) would create, leaf first."""
+    missing, d = [], os.path.normpath(directory)
+    while not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent in ("", d):
+            break
+        d = parent
+    return missing
 
 
 def describe_this_process() -> dict[str, object]:

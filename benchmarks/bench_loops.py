@@ -60,6 +60,8 @@ def timed(step: Callable[[Any], None], source: Iterator[Any], warm: int, count: 
     """Runs warm, then count micro-batches through `step` in windows of k; samples/s and the data wait."""
     for _ in range(warm // k):
         step([next(source) for _ in range(k)])
+    if CUDA:  # the warm-up's kernels finish outside the timed window
+        torch.cuda.synchronize()
     wait, start = 0.0, time.perf_counter()
     for _ in range(count // k):
         t = time.perf_counter()

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -87,11 +87,11 @@ def flops_per_sample(workload: str) -> float:
     return 3 * counter.get_total_flops() / 8
 
 
-def run_pytest(out: Path) -> dict[str, Any]:
+def run_pytest(out: Path, timeout_s: float) -> dict[str, Any]:
     xml = out / "pytest-gpu.xml"
     start = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
-                          f"--junitxml={xml}", "tests"], cwd=REPO, capture_output=True, text=True, timeout=420)
+                          f"--junitxml={xml}", "tests"], cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     counts = {k: 0 for k in ("passed", "failed", "skipped", "errors")}
     reasons: dict[str, int] = {}
     if xml.exists():
@@ -109,8 +109,11 @@ def run_pytest(out: Path) -> dict[str, Any]:
                 counts["errors"] += 1
             else:
                 counts["passed"] += 1
-    return {"exit": res.returncode, **counts, "skip_reasons": reasons, "seconds": round(time.monotonic() - start, 1),
-            "tail": res.stdout[-3000:] if res.returncode not in (0, 5) else ""}
+    # 5: nothing selected. Any other code with no failure counted (pytest crashed, no XML) is a failure too.
+    crashed = res.returncode not in (0, 5) and not (counts["failed"] or counts["errors"])
+    return {"exit": res.returncode, **counts, "errors": counts["errors"] + crashed, "skip_reasons": reasons,
+            "seconds": round(time.monotonic() - start, 1),
+            "tail": res.stdout[-3000:] + res.stderr[-2000:] if res.returncode not in (0, 5) else ""}
 
 
 def run_throughput(cuda: bool, name: Optional[str], smoke: bool, peak_override: Optional[float]) -> dict[str, Any]:
@@ -141,10 +144,10 @@ def run_throughput(cuda: bool, name: Optional[str], smoke: bool, peak_override: 
     return {"rows": rows, "skipped": skipped}
 
 
-def run_loop_overhead(smoke: bool) -> dict[str, Any]:
+def run_loop_overhead(smoke: bool, timeout_s: float) -> dict[str, Any]:
     args = ["--samples", "2000", "--repeats", "1"] if smoke else ["--repeats", "3"]
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loop_overhead.py"), *args], cwd=REPO,
-                         capture_output=True, text=True, env=compare._env(), timeout=400)
+                         capture_output=True, text=True, env=compare._env(), timeout=timeout_s)
     if res.returncode != 0:
         return {"exit": res.returncode, "tail": res.stderr[-3000:]}
     ratios = {m.group(1): float(m.group(2)) for m in re.finditer(r"^ratio (.+?): ([0-9.]+)", res.stdout, re.M)}
@@ -160,6 +163,8 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"pytest -m gpu: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
                  f"{t['skipped']} skipped ({t['seconds']} s)")
     lines += [f"- skipped {n}: {why}" for why, n in t["skip_reasons"].items()]
+    if "problem" in t:
+        lines.append(f"- problem: {t['problem']}")
     if t["tail"]:
         lines.append("```\n" + t["tail"] + "\n```")
     lines.append("\n| workload | loop | precision | K | samples/s | / hand fp32 | peak memory GB | MFU |")
@@ -173,10 +178,11 @@ def report(result: dict[str, Any]) -> str:
     bases = {r["mfu_basis"] for r in result["throughput"]["rows"] if "mfu_basis" in r}
     lines += [f"- MFU: {b}" for b in sorted(bases)]
     lines += [f"- skipped: {s}" for s in result["throughput"]["skipped"]]
+    lines += [f"- throughput problem: {result['throughput']['problem']}"] if "problem" in result["throughput"] else []
     overhead = result["loop_overhead"]
     lines.append("\nloop_overhead.py, one process:")
     lines += ([f"- {k}: {v:.3f}" for k, v in overhead["ratios"].items()] if overhead["exit"] == 0
-              else [f"- failed (exit {overhead['exit']}):\n```\n{overhead['tail']}\n```"])
+              else [f"- failed (exit {overhead['exit']}): {overhead.get('problem', '')}\n```\n{overhead['tail']}\n```"])
     lines += [f"- skipped: the {what} benchmark: {why}" for what, why in result["later"].items()]
     lines.append("- tokens/s: comes with the language-model benchmark" if "language model" in result["later"]
                  else "")
@@ -188,22 +194,41 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where gpu_check.json goes (default $OUT)")
     parser.add_argument("--smoke", action="store_true", help="tiny windows (implied without CUDA)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU, if not in the table")
+    parser.add_argument("--budget-s", type=float, default=540, help="the whole check's time limit (default 540 s)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     dev = device_info()
     smoke = args.smoke or not dev["cuda"]
-    result: dict[str, Any] = {"device": dev, "smoke": smoke}
-    result["pytest"] = run_pytest(out)
-    result["throughput"] = run_throughput(dev["cuda"], dev.get("name"), smoke, args.peak_tflops)
-    result["loop_overhead"] = run_loop_overhead(smoke)
+    result: dict[str, Any] = {"device": dev, "smoke": smoke, "seconds": 0.0}
+    deadline = start + args.budget_s
+
+    def phase(name: str, share: float, run: Callable[[float], Any], empty: Any) -> None:
+        """One phase within its share of what is left of the budget; its result saved at once, so a device
+        lost or a phase timed out later still leaves what was measured."""
+        left = deadline - time.monotonic()
+        try:
+            if left < 30:
+                raise TimeoutError(f"skipped: {left:.0f} s of the budget left")
+            result[name] = run(max(30.0, share * left))
+        except (subprocess.TimeoutExpired, TimeoutError, SystemExit) as exc:
+            result[name] = {**empty, "problem": f"{type(exc).__name__}: {exc}"[:2000]}
+        result["seconds"] = time.monotonic() - start
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+
+    phase("pytest", 0.4, lambda s: run_pytest(out, s),
+          {"exit": -1, "passed": 0, "failed": 0, "errors": 1, "skipped": 0, "skip_reasons": {}, "seconds": 0,
+           "tail": ""})
+    phase("throughput", 0.5, lambda s: run_throughput(dev["cuda"], dev.get("name"), smoke, args.peak_tflops),
+          {"rows": [], "skipped": []})
+    phase("loop_overhead", 1.0, lambda s: run_loop_overhead(smoke, s), {"exit": -1, "tail": ""})
     result["later"] = {what: f"{path} is not in the project yet" for what, path in LATER.items()
                        if not (REPO / path).exists()}
-    result["seconds"] = time.monotonic() - start
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     print(report(result), flush=True)
-    failed = result["pytest"]["failed"] + result["pytest"]["errors"] or result["loop_overhead"]["exit"]
+    failed = (result["pytest"]["failed"] + result["pytest"]["errors"] or result["loop_overhead"]["exit"]
+              or "problem" in result["throughput"])
     return 1 if failed else 0
 
 

@@ -183,3 +183,39 @@ def test_a_run_refused_in_set_up_leaves_no_directory_it_made_parents_included(tm
     with RunDirLock() as lock:
         lock.take(str(out) + "/")
     assert sorted(os.listdir(tmp_path / "runs")) == ["other"]
+
+
+_HOLDER = """
+import multiprocessing, os, sys, time
+from dtrain.checkpoint.lock import RunDirLock
+lock = RunDirLock()
+lock.take(sys.argv[1])
+worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+worker.start()  # as a DataLoader worker is: forked, and not told when its parent dies
+print(worker.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(60)
+def test_a_holder_killed_with_its_forked_worker_alive_frees_the_directory_at_once(tmp_path: Path) -> None:
+    """kill -9 of rank 0 while its DataLoader worker lives on (it would notice only seconds later): a restart at once
+    finds the directory free, not held by its own dead predecessor's worker."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], cwd=REPO, env=child_env({}),
+                              stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(DTrainError, match=f"pid {holder.pid} on "):
+            RunDirLock().take(str(tmp_path))
+        holder.kill()
+        holder.wait(timeout=30)
+        os.kill(worker, 0)  # still alive, holding whatever it inherited
+        with RunDirLock() as again:
+            again.take(str(tmp_path))
+    finally:
+        holder.kill()
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

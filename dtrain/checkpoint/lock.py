@@ -1,9 +1,17 @@
 """One run per directory at a time: rank 0 holds an OS lock on `<output_dir>/.dtrain-lock` for the run's life.
 
 flock(2), not a pid file: the kernel drops the lock when the holding process dies, however it dies (kill -9,
-the OOM killer, a node reboot), so a dead job never blocks the next one and there is no staleness to judge.
-(Processes rank 0 forks, DataLoader workers, share the lock: after a kill -9 of rank 0 it is free once they
-notice their parent is gone and exit, within seconds.)
+the OOM killer), so a dead job never blocks the next one and there is no staleness to judge.
+
+A process forked after `take` (a DataLoader worker) would share the locked open file and keep the lock after a
+kill -9 of rank 0 until it notices its parent is gone (5 s and more), long enough to refuse a quick restart its
+own dead predecessor. So each child closes its copy as it is forked (os.register_at_fork): the lock dies with
+rank 0 alone. The other ways out, weighed: an OFD lock (F_OFD_SETLK) belongs to the open file description just
+as flock does, so a fork shares it too; a classic POSIX lock (F_SETLK) is not inherited by a fork, but it belongs
+to the process, so a second `take` in the same process would not be refused, and closing any descriptor of the
+file in the process (`holder` reading it, a refused `take`) drops it silently; waiting out a dead holder's
+children (pid, start time and boot id in the file) would make a restart wait and still miss a holder that
+wrote nothing. A fork the hook does not see (from C code, not os.fork) keeps the old behaviour.
 The file also says who holds it (host, pid, start, Slurm job, command) for the refusal's one line. It is
 removed at release; one left by a holder that died holds no lock and means nothing.
 
@@ -11,7 +19,6 @@ On NFS, Linux's client turns flock into a lock the server arbitrates across node
 with local_lock=flock or all, where it guards one node only). Where the file system has no locks at all (Lustre
 mounted without -o flock, say), the run goes on unlocked and says so in one line.
 """
-
 from __future__ import annotations
 
 import errno
@@ -22,7 +29,8 @@ import shlex
 import socket
 import sys
 import time
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.runtime.startup import process_start
@@ -46,6 +54,7 @@ class RunDirLock:
         self._fd: Optional[int] = None
         self._dir = ""
         self._made: list[str] = []
+        self._fork_hook = False
 
     @property
     def held(self) -> bool:
@@ -87,6 +96,10 @@ class RunDirLock:
                 break
             os.close(fd)
         self._fd, self._dir, self._made = fd, directory, made
+        if not self._fork_hook:
+            # Once per lock object, holding it weakly: a hook cannot be unregistered, and a dead one does nothing.
+            os.register_at_fork(after_in_child=_closer(weakref.ref(self)))
+            self._fork_hook = True
         try:
             data = json.dumps(describe_this_process()).encode()
             # Written over the old text, then cut: a reader never finds the file empty, and retries a mix.
@@ -110,8 +123,8 @@ class RunDirLock:
         except OSError:
             pass  # a leftover lock file or empty directory blocks nothing
         finally:
-            # Unlocked explicitly, not just closed: a process forked meanwhile (a DataLoader worker not yet
-            # gone) shares this open file, and would otherwise hold the lock until it exits.
+            # Unlocked explicitly, not just closed: a process forked where the fork hook did not run shares
+            # this open file, and would otherwise hold the lock until it exits.
             try:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
@@ -122,6 +135,19 @@ class RunDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _closer(ref: weakref.ref[RunDirLock]) -> Callable[[], None]:
+    def close_in_child() -> None:
+        lock = ref()
+        if lock is not None and lock._fd is not None:
+            fd, lock._fd = lock._fd, None  # the child never unlocks or removes what its parent holds
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    return close_in_child
 
 
 def _missing(directory: str) -> list[str]:

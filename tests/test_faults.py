@@ -447,3 +447,37 @@ def test_only_a_stopped_silent_peer_is_frozen_not_one_that_is_finishing_or_runni
         for child in children:
             child.kill()
             child.wait()
+
+
+@pytest.mark.multiproc
+def test_a_frozen_peer_is_ended_after_a_scripts_traceback_too(tmp_path: Path) -> None:
+    """dtrain.train() in a script raises into the script: nothing of dtrain's reports it, yet the frozen peer
+    the failure named (a real SIGSTOPped process on this host) is ended once Python has printed the traceback."""
+    frozen = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(frozen.pid, signal.SIGSTOP)
+        code = textwrap.dedent(f"""
+            import datetime, time
+            import torch.distributed as dist
+            from dtrain.runtime import localproc
+            from dtrain.runtime.peers import PROCESS, PeerWatch
+            store = dist.TCPStore("127.0.0.1", {free_port()}, 1, True, timeout=datetime.timedelta(seconds=5))
+            watches = [PeerWatch(store, r, 2, interval_s=0.05) for r in range(2)]
+            time.sleep(0.3)
+            watches[1]._stop.set()
+            watches[1]._thread.join()
+            store.set(f"{{PROCESS}}/1", f"{{localproc._machine()}} {frozen.pid} {{localproc._stat({frozen.pid})[1]}}")
+            exc = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv")
+            watches[0].tell_failure(exc)
+            print(exc.dtrain_blame[1], flush=True)
+            raise exc
+            """)
+        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 1 and res.stderr.rstrip().endswith("Timed out waiting 5000ms for recv"), res.stderr
+        assert res.stdout.startswith("last heard of at step 0, no heartbeat: frozen, its process "
+                                     f"{frozen.pid} on this host is stopped"), res.stdout
+        assert frozen.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        frozen.kill()
+        frozen.wait()

@@ -33,7 +33,7 @@ TRACEBACK_ATTR = "dtrain_traceback"
 of the exception's own."""
 FROZEN_ATTR = "dtrain_frozen"
 """Set on a communication failure by dist: the frozen peers on this host (localproc.LocalPeer) that `report`
-ends once this rank's line is out."""
+ends once this rank's line is out (and `end_at_exit`, where nothing reports: `dtrain.train()` in a script)."""
 
 # Only messages that come from the collective libraries: a user's own RuntimeError that merely
 # mentions a timeout keeps its traceback.
@@ -117,16 +117,27 @@ def report(exc: BaseException, prog: str, timeout_s: Optional[int] = None) -> No
     frozen = getattr(exc, FROZEN_ATTR, None) or []
     # A rank that names and ends a frozen peer has the job's first word: that peer's SIGKILL is not the cause.
     write_error_file(f"{prog}: error: {line}", lost_peer=comm and not frozen, first=bool(frozen))
-    _end_frozen(frozen)
+    end_frozen(frozen)
 
 
-def _end_frozen(frozen: list) -> None:
+def end_frozen(frozen: list) -> None:
     """SIGKILL the frozen peers (localproc.LocalPeer) this rank named, after its line: killed first, a
-    peer's exit could have the launcher SIGTERM this rank before the line is out."""
+    peer's exit could have the launcher SIGTERM this rank before the line is out. Again for a peer already
+    ended: nothing (localproc.kill checks the process is that peer, and still stopped)."""
     from dtrain.runtime import localproc
 
     for peer in frozen:
         localproc.kill(peer)
+
+
+def end_at_exit(frozen: list) -> None:
+    """`end_frozen` as this process exits, for a failure nothing here reports: `dtrain.train()` in a user's
+    script under torchrun raises into the script, and Python prints its traceback (the rank's line) before
+    the exit handlers run. On the command line `report` has ended them already; this then does nothing."""
+    if frozen:
+        import atexit
+
+        atexit.register(end_frozen, list(frozen))
 
 
 def write_error_file(line: str, lost_peer: bool, first: bool = False) -> None:

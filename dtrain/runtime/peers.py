@@ -162,9 +162,9 @@ class PeerWatch:
         collective with this rank. One whose process is still there, on this host, and stopped
         (SIGSTOP, a debugger) is frozen: it cannot act on the launcher's SIGTERM, and the launcher
         waits its own grace (30 s under torchrun) before the SIGKILL that ends the job, so this rank
-        ends it (dist, once this rank's line is out). A silent process in any other state (running,
-        asleep, in the kernel) may be busy in native code or about to exit: it is named, and left to
-        the launcher."""
+        ends it once its line is out (faults.report; faults.end_at_exit where nothing reports). A silent
+        process in any other state (running, asleep, in the kernel) may be busy in native code or about
+        to exit: it is named, and left to the launcher."""
         if timed_out:
             try:
                 self.store.append(WAITED, f"{self.rank} ")  # one key for all: read back in one go
@@ -233,6 +233,7 @@ class PeerWatch:
                 blame, frozen = self.examine(timed_out)
             setattr(exc, faults.BLAME_ATTR, blame)
             setattr(exc, faults.FROZEN_ATTR, frozen)
+            faults.end_at_exit(frozen)  # dist's path, which a script's dtrain.train() takes too
         else:
             own = getattr(exc, faults.OWN_LINE_ATTR, None)
             said = f"rank {self.rank}: {own}" if own else f"rank {self.rank} failed: {type(exc).__name__}: {exc}"

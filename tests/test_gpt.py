@@ -232,3 +232,37 @@ def test_train_records_carry_tokens_per_s_and_mfu(tmp_path: Path, capsys: pytest
     notes = [line for line in out.splitlines() if "no mfu" in line]
     assert notes == ["dtrain: no mfu on CPU: dtrain knows no peak FLOP/s for it; log.peak_tflops=<TFLOP/s of one "
                      "device> sets one"]
+
+
+# ---------------------------------------------------------------- the presets: nanoGPT's recipes
+
+@pytest.mark.parametrize("name, layers, width, block, batch, dropout, steps, device, precision", [
+    ("shakespeare_char", 6, 384, 256, 64, 0.2, 5000, "auto", "bf16"),  # config/train_shakespeare_char.py
+    ("shakespeare_char_cpu", 4, 128, 64, 12, 0.0, 2000, "cpu", "fp32"),  # its README's CPU command
+])
+def test_the_shakespeare_presets_are_nanogpts_recipes(name: str, layers: int, width: int, block: int, batch: int,
+                                                      dropout: float, steps: int, device: str,
+                                                      precision: str) -> None:
+    from dtrain.config import load_config
+
+    cfg = load_config(name)
+    assert (cfg.data.name, cfg.data.path, cfg.data.download) == ("tokens", "data/shakespeare_char", True)
+    assert (cfg.data.block_size, cfg.data.batch_size, cfg.data.sampling) == (block, batch, "random")
+    assert cfg.model.name == "gpt"
+    assert cfg.model.kwargs == {"n_layer": layers, "n_head": layers, "n_embd": width, "dropout": dropout,
+                                "bias": False}
+    assert cfg.loss.name == "cross_entropy"
+    o, s, t = cfg.optim, cfg.sched, cfg.train
+    assert (o.name, o.lr, o.betas, o.weight_decay, o.no_decay_bias_norm) == ("adamw", 1e-3, [0.9, 0.99], 0.1, True)
+    assert (s.name, s.warmup_steps, s.min_lr) == ("cosine", 100, 1e-4)
+    assert (t.max_steps, t.grad_clip, t.grad_accum_steps, t.device, t.precision) == (steps, 1.0, 1, device,
+                                                                                      precision)
+    # train.max_steps is the length, not the epochs: nanoGPT's prepare.py writes 1,003,854 train tokens.
+    assert t.epochs * ((1_003_854 - 1) // block // batch) >= steps
+    assert cfg.eval.every_steps == 250
+    # Weight decay on matrices only, as nanoGPT's configure_optimizers: every 2-D parameter, nothing else.
+    from dtrain.loop.optim import param_groups
+
+    groups, _ = param_groups(cfg.optim, build_model(cfg.model, (block,), 65))
+    by_decay = {g["weight_decay"]: g["params"] for g in groups}
+    assert all(p.dim() >= 2 for p in by_decay[0.1]) and all(p.dim() < 2 for p in by_decay[0.0])

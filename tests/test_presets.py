@@ -34,7 +34,8 @@ def test_an_unknown_name_lists_the_presets_in_one_line() -> None:
     with pytest.raises(ConfigError) as info:
         load_config("mnist")
     assert str(info.value) == ("config 'mnist' is neither a preset nor a file; presets: cifar10_cnn, default, "
-                               "fashion_mnist_mlp, mnist_mlp, synthetic_tiny (or a path to a YAML file)")
+                               "fashion_mnist_mlp, mnist_mlp, shakespeare_char, shakespeare_char_cpu, synthetic_tiny "
+                               "(or a path to a YAML file)")
 
 
 def test_messages_name_the_file_a_user_can_open() -> None:

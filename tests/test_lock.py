@@ -31,6 +31,8 @@ def test_a_held_directory_is_refused_naming_its_holder_until_released(tmp_path: 
     assert said.startswith(f"output_dir {tmp_path} is in use by another run: pid {os.getpid()} on "
                            f"{socket.gethostname()}, started "), said
     assert ", Slurm job 4242, command: " in said and "\n" not in said
+    assert said.endswith(f"; wait for it to end, or choose another output_dir (if it is gone, delete "
+                         f"{tmp_path / LOCK_FILE})"), said
     assert not second.held
     first.release()
     second.take(str(tmp_path))
@@ -206,8 +208,9 @@ def test_a_holder_killed_with_its_forked_worker_alive_frees_the_directory_at_onc
                               stdout=subprocess.PIPE, text=True)
     worker = int(holder.stdout.readline())
     try:
-        with pytest.raises(DTrainError, match=f"pid {holder.pid} on "):
+        with pytest.raises(DTrainError, match=f"pid {holder.pid} on ") as refused:
             RunDirLock().take(str(tmp_path))
+        assert "\n" not in str(refused.value)  # its command, python -c over several lines, on one line
         holder.kill()
         holder.wait(timeout=30)
         os.kill(worker, 0)  # still alive, holding whatever it inherited

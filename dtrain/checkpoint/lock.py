@@ -1,7 +1,8 @@
 """One run per directory at a time: rank 0 holds an OS lock on `<output_dir>/.dtrain-lock` for the run's life.
 
 flock(2), not a pid file: the kernel drops the lock when the holding process dies, however it dies (kill -9,
-the OOM killer), so a dead job never blocks the next one and there is no staleness to judge.
+the OOM killer; for a node that dies on NFS, see below), so a dead job never blocks the next one and there is
+no staleness to judge.
 
 A process forked after `take` (a DataLoader worker) would share the locked open file and keep the lock after a
 kill -9 of rank 0 until it notices its parent is gone (5 s and more), long enough to refuse a quick restart its
@@ -16,9 +17,14 @@ The file also says who holds it (host, pid, start, Slurm job, command) for the r
 removed at release; one left by a holder that died holds no lock and means nothing.
 
 On NFS, Linux's client turns flock into a lock the server arbitrates across nodes (unless the share is mounted
-with local_lock=flock or all, where it guards one node only). Where the file system has no locks at all (Lustre
-mounted without -o flock, say), the run goes on unlocked and says so in one line.
+with local_lock=flock or all, where it guards one node only). There a dead process frees it as anywhere (its
+node's kernel unlocks), but a node that dies (crash, power, cut off the network) leaves its locks with the
+server: until the NFSv4 lease runs out (about 90 s), or under NFSv3's lock manager until that node boots again.
+So the refusal says to delete the file if the job it names is gone: a new job then locks a new file.
+Where the file system has no locks at all (Lustre mounted without -o flock, say), the run goes on unlocked and
+says so in one line.
 """
+
 from __future__ import annotations
 
 import errno
@@ -77,8 +83,9 @@ class RunDirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
+                # NFS keeps the lock of a node that died (see above): the way out, for when no job is left.
                 raise DTrainError(f"output_dir {directory} is in use by another run: {holder(path)}; wait for it "
-                                  "to end, or choose another output_dir") from None
+                                  f"to end, or choose another output_dir (if it is gone, delete {path})") from None
             except OSError as exc:
                 os.close(fd)
                 if exc.errno not in _NO_LOCKS:
@@ -196,5 +203,5 @@ def _in_words(info: dict[str, object]) -> str:
     when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
             if isinstance(started, (int, float)) else "at an unknown time")
     job = f", Slurm job {info['slurm_job']}" if info.get("slurm_job") else ""
-    return (f"pid {info.get('pid')} on {info.get('host')}, started {when}{job}, command: "
-            f"{info.get('command')}")
+    command = " ".join(str(info.get("command")).split())  # python -c 'a program over lines': still one line
+    return f"pid {info.get('pid')} on {info.get('host')}, started {when}{job}, command: {command}"

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from dtrain.errors import SAID_BY_RANK_0, ConfigError, DTrainError
+from dtrain.errors import SAID_BY_RANK_0, SAID_PER_NODE, ConfigError, DTrainError
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -104,7 +104,8 @@ def guarded(prog: str, argv: Optional[Sequence[str]], run: Callable[[], None],
     except DTrainError as exc:
         rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
         # A config error is the same on every rank: say it once, not W times.
-        if rank == "0" or not (isinstance(exc, ConfigError) or getattr(exc, SAID_BY_RANK_0, False)):
+        if rank == "0" or _first_on_another_node(exc) or not (isinstance(exc, ConfigError)
+                                                             or getattr(exc, SAID_BY_RANK_0, False)):
             prefix = f"{prog}: error" if rank == "0" else f"{prog}: error (rank {rank})"
             print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
             if os.environ.get("TORCHELASTIC_ERROR_FILE"):
@@ -120,6 +121,18 @@ def guarded(prog: str, argv: Optional[Sequence[str]], run: Callable[[], None],
         report(exc, prog, timeout_s())
         return EXIT_FAILURE
     return 0
+
+
+def _first_on_another_node(exc: BaseException) -> bool:
+    """Whether this rank is to print `exc`, an error about its node's devices (errors.SAID_PER_NODE), though
+    not rank 0: it is its node's first rank and rank 0 is on another node, whose devices may differ (one node
+    without CUDA). One line per node; on one node, rank 0's alone."""
+    if not getattr(exc, SAID_PER_NODE, False):
+        return False
+    env = os.environ
+    node = env.get("GROUP_RANK") or env.get("SLURM_NODEID")
+    local = env.get("LOCAL_RANK") or env.get("SLURM_LOCALID")
+    return node is not None and node != "0" and local == "0"
 
 
 def lr_find_main(argv: Optional[Sequence[str]] = None) -> int:

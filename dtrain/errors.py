@@ -21,3 +21,7 @@ class ConfigError(DTrainError):
 SAID_BY_RANK_0 = "dtrain_said_by_rank_0"
 """Set on an error that every rank raised alike (by dist.check_all), or that rank 0 raised and passed on to the
 others (by dist.run_on_main), so that only rank 0 prints it."""
+
+SAID_PER_NODE = "dtrain_said_per_node"
+"""Set on an error about this node's devices, raised before any process group (by dist): no rank can learn what
+the others saw, and one node may lack what another has (CUDA), so the first rank of each node prints it."""

@@ -18,7 +18,7 @@ import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -481,3 +481,41 @@ def test_a_frozen_peer_is_ended_after_a_scripts_traceback_too(tmp_path: Path) ->
     finally:
         frozen.kill()
         frozen.wait()
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}, "dtrain: error: "),
+    ({"RANK": "1", "LOCAL_RANK": "1", "GROUP_RANK": "0"}, None),  # rank 0's node: rank 0 says it
+    ({"RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, "dtrain: error (rank 2): "),  # another node's first
+    ({"RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1"}, None),
+    ({"SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1"}, "dtrain: error (rank 2): "),
+])
+def test_a_device_error_before_the_group_is_said_once_per_node(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              env: dict[str, str], says: Optional[str]) -> None:
+    """One node of a job may lack CUDA: its ranks cannot learn what rank 0 saw, so its first rank says it; a
+    config error that is the same everywhere stays rank 0's alone."""
+    from dtrain.cli import guarded
+    from dtrain.errors import ConfigError
+    from dtrain.runtime.dist import distributed
+    from dtrain.runtime.env import LaunchInfo
+
+    for key in ("RANK", "LOCAL_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
+                "TORCHELASTIC_ERROR_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def run() -> None:
+        with distributed(LaunchInfo("env", 2, 0, 4, "127.0.0.1", 1), backend="nccl", device="cpu"):
+            pass
+
+    assert guarded("dtrain", [], run) == 2
+    said = "config key 'dist.backend' has value 'nccl'; allowed: gloo | auto on CPU (NCCL needs CUDA)\n"
+    assert capsys.readouterr().err == ("" if says is None else says + said)
+
+    def everywhere() -> None:
+        raise ConfigError("train.epochs", 0, "an integer >= 1")
+
+    assert guarded("dtrain", [], everywhere) == 2
+    assert bool(capsys.readouterr().err) == (env.get("RANK") == "0")

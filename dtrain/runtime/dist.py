@@ -23,7 +23,7 @@ import torch.distributed as dist
 # exists, the defaults are None.
 import torch.distributed.nn.functional  # noqa: F401  (imported for the side effect above)
 
-from dtrain.errors import SAID_BY_RANK_0, DTrainError
+from dtrain.errors import SAID_BY_RANK_0, SAID_PER_NODE, DTrainError
 from dtrain.runtime.devices import resolve_backend, resolve_device
 from dtrain.runtime.env import LaunchInfo
 from dtrain.runtime.orphan import watching
@@ -151,8 +151,12 @@ def distributed(launch: LaunchInfo, backend: str = "auto", device: Union[str, to
 @contextmanager
 def _process_group(launch: LaunchInfo, backend: str, device: Union[str, torch.device], timeout_s: int,
                    start_timeout_s: int) -> Iterator[DistState]:
-    dev = device if isinstance(device, torch.device) else resolve_device(device, launch.local_rank)
-    be = resolve_backend(backend, dev)
+    try:
+        dev = device if isinstance(device, torch.device) else resolve_device(device, launch.local_rank)
+        be = resolve_backend(backend, dev)
+    except DTrainError as exc:
+        setattr(exc, SAID_PER_NODE, True)
+        raise
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -222,3 +222,17 @@ def test_a_holder_killed_with_its_forked_worker_alive_frees_the_directory_at_onc
             os.kill(worker, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_second_job_looking_while_the_first_claims_is_told_it_is_in_use(tmp_path: Path) -> None:
+    """The first job holds the lock and has made checkpoints/ but not yet its marker: the second is refused as
+    "in use", not as a directory of someone else's files."""
+    from dtrain.checkpoint.rundir import decide_start
+
+    out = tmp_path / "run"
+    cfg = load_config(None, ["data.name=synthetic", f"output_dir={out}"])
+    with RunDirLock() as first:
+        first.take(str(out))
+        (out / "checkpoints").mkdir()
+        with pytest.raises(DTrainError, match=f"output_dir {out} is in use by another run"):
+            decide_start(cfg, RunDirLock())

@@ -72,9 +72,11 @@ def decide_start(cfg: Config, lock: Optional[RunDirLock] = None) -> Start:
     on the directory before it is looked at, and refuses a directory another job is using.
     """
     path = os.path.expanduser(cfg.output_dir) if cfg.output_dir else new_run_dir()
-    _check_ours(path)  # before the lock: someone else's directory gets no lock file either
     if lock is not None:
+        # Before looking: a run setting up there (its checkpoints/ made, its marker not yet) is then refused as
+        # in use, not as someone else's files. Someone else's directory keeps no lock file: it goes at release.
         lock.take(path)
+    _check_ours(path)
     has_run = os.path.exists(os.path.join(path, "metrics.jsonl"))
     # dtrain creates checkpoints/ before it logs anything: a run with that directory, no committed
     # checkpoint, no finished.json and the same math in its config.yaml is an earlier attempt of
@@ -125,10 +127,11 @@ def claim(start: Start) -> None:
             _keep_aside(path)
         for damaged in start.set_aside:
             checkpoint.set_aside(damaged)
-        os.makedirs(checkpoint.checkpoints_dir(path), exist_ok=True)
         marker = os.path.join(path, MARKER)
-        if not os.path.exists(marker):
+        if not os.path.exists(marker):  # first: whatever else is found here is dtrain's
+            os.makedirs(path, exist_ok=True)
             write_atomic(marker, b"dtrain run directory: overwrite=true may replace what dtrain wrote here\n")
+        os.makedirs(checkpoint.checkpoints_dir(path), exist_ok=True)
     except OSError as exc:
         raise DTrainError(f"cannot prepare the output directory {path}: {exc.strerror or exc}"
                           + (f" ({exc.filename})" if exc.filename else "")) from None

@@ -136,6 +136,25 @@ def test_a_failing_item_says_its_index_in_the_process_and_from_a_worker_and_batc
         assert failure_line(info.value, "1") == "rank 1: data item 5 failed: ValueError: bad image file 5.png"
         told = getattr(info.value, "dtrain_traceback")
         assert (told is None) if workers == 0 else told.startswith("In DataLoader worker process 0:\nTraceback")
+    # A batched dataset, and what random_split gives (a Subset, batched through its base's items): the item.
+    subset = next(part for part in torch.utils.data.random_split(_Bad(), [4, 4]) if 5 in part.indices)
+    for dataset, index in ((_BadBatched(), 5), (subset, subset.indices.index(5))):
+        with pytest.raises(DataItemError) as info:
+            list(DataLoader(named_items(dataset), batch_size=4))
+        assert str(info.value) == f"data item {index} failed: ValueError: bad image file 5.png"
+        assert isinstance(info.value.__cause__, ValueError)  # its own error, not the batch call's
+
+
+class _BadTogether(_Bad):
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        raise MemoryError("the batch does not fit")
+
+
+def test_a_batch_that_fails_only_as_a_whole_is_named_as_a_batch() -> None:
+    from torch.utils.data import DataLoader
+
+    from dtrain.data.items import DataItemError, named_items
+
     with pytest.raises(DataItemError) as info:
-        list(DataLoader(named_items(_BadBatched()), batch_size=4))
-    assert str(info.value) == "data items [4, 5, 6, 7] (4, one call) failed: ValueError: bad image file 5.png"
+        list(DataLoader(named_items(_BadTogether()), batch_size=4))
+    assert str(info.value) == "data items [0, 1, 2, 3] (4, one call) failed: MemoryError: the batch does not fit"

@@ -72,14 +72,24 @@ class NamedItems(Dataset):
 
 
 class NamedBatchedItems(NamedItems):
-    """The same for a dataset with `__getitems__` (the DataLoader then fetches a batch in one call)."""
+    """The same for a dataset with `__getitems__` (the DataLoader then fetches a batch in one call: a
+    Subset, a StackDataset, so anything from random_split). When the call fails, the items are read again
+    one by one to find the one that fails, and that index and its own error are what is said; only if
+    each item loads alone is the batch named."""
 
     def __getitems__(self, indices: Sequence[Any]) -> Any:
         try:
             return self.dataset.__getitems__(indices)  # type: ignore[attr-defined]
         except Exception as exc:
-            shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
-            raise DataItemError(f"data items [{shown}] ({len(indices)}, one call) failed: {_said(exc)}") from exc
+            batch_error = exc
+        for index in indices:
+            try:
+                self.dataset[index]
+            except Exception as exc:
+                raise DataItemError(f"data item {index} failed: {_said(exc)}") from exc
+        shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
+        raise DataItemError(f"data items [{shown}] ({len(indices)}, one call) failed: "
+                            f"{_said(batch_error)}") from batch_error
 
 
 def named_items(dataset: Dataset) -> Dataset:

@@ -190,6 +190,9 @@ def test_failure_line_names_step_and_peers_without_library_boilerplate() -> None
                                       "step 6, no heartbeat: died) [Connection closed by peer [127.0.0.1]:54450]; the "
                                       "failed rank's own message, or the launcher's report, says why")
     assert failure_line(ValueError("bad\nvalue"), "2") == "rank 2 failed: ValueError: bad value"
+    # gloo's word when its own timeout closes the connection (seen under load in place of "Timed out waiting").
+    closed = RuntimeError("Application timeout caused pair closure")
+    assert failure_line(closed, "0", 5).startswith("rank 0: a collective waited dist.timeout_s=5 s for the other ranks")
 
 
 @pytest.mark.parametrize("key, said", [

@@ -37,7 +37,8 @@ ends once this rank's line is out (and `end_at_exit`, where nothing reports: `dt
 
 # Only messages that come from the collective libraries: a user's own RuntimeError that merely
 # mentions a timeout keeps its traceback.
-_COMM_PATTERNS = re.compile(r"gloo|nccl|c10d|processgroup|connection (reset|closed) by peer", re.IGNORECASE)
+_COMM_PATTERNS = re.compile(r"gloo|nccl|c10d|processgroup|connection (reset|closed) by peer|caused pair closure",
+                            re.IGNORECASE)
 
 
 def is_communication_failure(exc: BaseException) -> bool:

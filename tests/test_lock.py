@@ -236,3 +236,57 @@ def test_a_second_job_looking_while_the_first_claims_is_told_it_is_in_use(tmp_pa
         (out / "checkpoints").mkdir()
         with pytest.raises(DTrainError, match=f"output_dir {out} is in use by another run"):
             decide_start(cfg, RunDirLock())
+
+
+def _take_as_another_user(directory: str) -> dict:
+    """Take the lock in a forked child, as nobody when this is root (a file mode binds root to nothing); report
+    what it found."""
+    import json
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - reported through the pipe
+        try:
+            if os.getuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            lock = RunDirLock()
+            lock.take(directory)
+            said = {"held": lock.held, "file": json.loads(Path(directory, LOCK_FILE).read_text()),
+                    "names": sorted(os.listdir(directory))}
+        except BaseException as exc:  # noqa: BLE001 - whatever it was, the test says it
+            said = {"error": repr(exc)}
+        os.write(write, json.dumps(said).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        said = json.loads(f.read())
+    os.waitpid(child, 0)
+    return said | {"pid": child}
+
+
+def test_another_users_leftover_lock_file_is_locked_read_only_and_replaced_by_ours(tmp_path: Path) -> None:
+    """A shared group directory holds a leftover lock file of another user's run (read-only to this one, and
+    naming its dead writer): the lock is taken all the same, and the file at the path then names this run."""
+    import json
+    import shutil
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="dtrain-shared-")  # not under tmp_path: nobody could not reach it
+    try:
+        os.chmod(shared, 0o777)
+        leftover = Path(shared, LOCK_FILE)
+        leftover.write_text(json.dumps({"host": "elsewhere", "pid": 1, "command": "python -m dtrain"}))
+        leftover.chmod(0o444)
+        said = _take_as_another_user(shared)
+        assert said.get("held") is True, said
+        assert said["file"]["pid"] == said["pid"] and said["names"] == [LOCK_FILE], said
+        if os.getuid() == 0:  # sticky (as /tmp): the leftover cannot be swapped, and is locked as it is
+            os.chmod(shared, 0o1777)
+            leftover.unlink()  # the first child's, never released (it ended without): again root's, read-only
+            leftover.write_text("{}")
+            leftover.chmod(0o444)
+            said = _take_as_another_user(shared)
+            assert said.get("held") is True and said["names"] == [LOCK_FILE], said
+    finally:
+        shutil.rmtree(shared)

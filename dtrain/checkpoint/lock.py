@@ -14,7 +14,8 @@ file in the process (`holder` reading it, a refused `take`) drops it silently; w
 children (pid, start time and boot id in the file) would make a restart wait and still miss a holder that
 wrote nothing. A fork the hook does not see (from C code, not os.fork) keeps the old behaviour.
 The file also says who holds it (host, pid, start, Slurm job, command) for the refusal's one line. It is
-removed at release; one left by a holder that died holds no lock and means nothing.
+removed at release; one left by a holder that died holds no lock and means nothing (one of another user's, not
+writable here, is locked read-only and swapped for this run's own where the directory allows).
 
 On NFS, Linux's client turns flock into a lock the server arbitrates across nodes (unless the share is mounted
 with local_lock=flock or all, where it guards one node only). There a dead process frees it as anywhere (its
@@ -74,7 +75,7 @@ class RunDirLock:
             try:
                 made = _missing(directory)
                 os.makedirs(directory, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd, writable = _open(path)
             except FileNotFoundError:
                 continue  # a releasing run removed its empty directory between the two calls: make it again
             except OSError as exc:
@@ -102,6 +103,8 @@ class RunDirLock:
             if current:
                 break
             os.close(fd)
+        if not writable:
+            fd = _own_file(fd, path)
         self._fd, self._dir, self._made = fd, directory, made
         if not self._fork_hook:
             # Once per lock object, holding it weakly: a hook cannot be unregistered, and a dead one does nothing.
@@ -142,6 +145,42 @@ class RunDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _open(path: str) -> tuple[int, bool]:
+    """The lock file, and whether this process may write it: a leftover of another user's run in a shared group
+    directory is not, but flock needs only a read-only descriptor."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), True
+    except PermissionError as exc:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        except OSError:
+            raise exc from None  # missing, and not ours to create: the directory is not writable
+
+
+def _own_file(fd: int, path: str) -> int:
+    """Holding the lock on someone else's leftover file (read-only), put one of this process's own in its place,
+    locked before it is there, so that the refusal names this run and not the leftover's dead writer. A job
+    that locks the old file once it is let go finds it is no longer the one at the path (see `take`). Where the
+    directory allows no such swap (sticky), the old file stays locked and the refusal names whoever wrote it."""
+    spare = f"{path}.{os.getpid()}"
+    try:
+        new = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return fd
+    try:
+        fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(spare, path)
+    except OSError:
+        os.close(new)
+        try:
+            os.remove(spare)
+        except OSError:
+            pass
+        return fd
+    os.close(fd)
+    return new
 
 
 def _closer(ref: weakref.ref[RunDirLock]) -> Callable[[], None]:

@@ -155,7 +155,9 @@ def _newest_intact(path: str) -> Start:
 def _check_ours(path: str) -> None:
     """A non-empty directory without dtrain's marker holds someone else's files: never resume or replace it."""
     try:
-        entries = [n for n in os.listdir(path) if n not in NOT_A_RUN] if os.path.isdir(path) else []
+        # <lock>.<pid>: what a lock swapped in for another user's leftover was called till it was in place.
+        entries = ([n for n in os.listdir(path) if n not in NOT_A_RUN and not n.startswith(f"{LOCK_FILE}.")]
+                   if os.path.isdir(path) else [])
     except OSError as exc:
         raise ConfigError("output_dir", path, f"a readable directory ({exc.strerror or exc})") from None
     if entries and MARKER not in entries:

@@ -158,3 +158,25 @@ def test_a_batch_that_fails_only_as_a_whole_is_named_as_a_batch() -> None:
     with pytest.raises(DataItemError) as info:
         list(DataLoader(named_items(_BadTogether()), batch_size=4))
     assert str(info.value) == "data items [0, 1, 2, 3] (4, one call) failed: MemoryError: the batch does not fit"
+
+
+def test_building_loaders_run_after_run_adds_no_exit_handler() -> None:
+    """A notebook or a sweep builds loaders again and again in one process: one exit handler and one shared
+    flag serve them all, instead of one more of each per run."""
+    import atexit
+
+    from torch.utils.data import TensorDataset
+
+    from dtrain.config import DataConfig
+    from dtrain.data.loaders import build_loaders
+    from dtrain.data.types import Datasets
+    from dtrain.runtime.dist import DistState
+
+    cfg = DataConfig(name="synthetic", batch_size=4, num_workers=1, fast_path=False)
+    data = Datasets(TensorDataset(torch.zeros(8, 1), torch.arange(8)), None, (1,), 2)
+    state = DistState("test", 0, 0, 1, "gloo", torch.device("cpu"))
+    build_loaders(data, cfg, 3, state, 1, worker_ignores=("SIGTERM",))
+    before = atexit._ncallbacks()
+    for _ in range(3):
+        build_loaders(data, cfg, 3, state, 1, worker_ignores=("SIGTERM",))
+    assert atexit._ncallbacks() == before

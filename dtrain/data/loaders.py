@@ -64,15 +64,23 @@ def build_loaders(data: Datasets, cfg: DataConfig, seed: int, dist_state: DistSt
     if worker_ignores and cfg.num_workers:
         # Set as this rank's process exits: the SIGTERM that multiprocessing then sends its workers
         # (and joins them) must end them at once, not after the grace a Slurm-wide SIGTERM gets.
-        ending = multiprocessing.RawValue("b", 0)
-        atexit.register(_set, ending)
-        init = functools.partial(_worker_init, tuple(worker_ignores), ending)
+        init = functools.partial(_worker_init, tuple(worker_ignores), _exiting(os.getpid()))
     train = _train_source(data, cfg, seed, dist_state, grad_accum_steps, init)
     return Loaders(train, _eval_loader(data, cfg, seed, dist_state, init, eval_max_batches))
 
 
-def _set(flag: Any) -> None:
-    flag.value = 1
+@functools.lru_cache(maxsize=None)
+def _exiting(pid: int) -> Any:
+    """One shared byte per process, set as that process exits, and its one exit handler: a notebook or a
+    sweep building loaders run after run adds neither again. Keyed by pid: a forked child gets its own."""
+    flag = multiprocessing.RawValue("b", 0)
+    atexit.register(_set, flag, pid)
+    return flag
+
+
+def _set(flag: Any, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the handler: its parent is not exiting
+        flag.value = 1
 
 
 def _worker_init(names: tuple[str, ...], ending: Any, worker_id: int) -> None:

@@ -209,7 +209,7 @@ def output_dir(cfg: Config) -> str:
 def prepare(path: str, overwrite: bool, lock: Optional[RunDirLock] = None) -> None:
     """Refuse to replace an earlier test's results unless asked to, or while another test writes them (`lock`)."""
     if lock is not None:
-        lock.take(path)
+        lock.take(path, name="lr_find's directory")
     earlier = os.path.join(path, "lr_find.csv")
     if os.path.exists(earlier) and not overwrite:
         raise DTrainError(f"{earlier} already exists (an earlier lr_find); allowed: another output_dir, "

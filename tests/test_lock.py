@@ -162,8 +162,10 @@ def test_lr_find_holds_its_own_directory(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.name=synthetic", "lr_find.num_steps=3", f"output_dir={tmp_path}"])
     with RunDirLock() as other:
         other.take(str(tmp_path / "lr_find"))
-        with pytest.raises(DTrainError, match=f"output_dir {tmp_path / 'lr_find'} is in use by another run"):
+        with pytest.raises(DTrainError) as refused:
             lr_find(cfg, environ={})
+        assert str(refused.value).startswith(f"lr_find's directory {tmp_path / 'lr_find'} is in use by another "
+                                             f"run: pid {os.getpid()}"), refused.value
         assert os.listdir(tmp_path / "lr_find") == [LOCK_FILE]
     with RunDirLock() as run:
         run.take(str(tmp_path))  # a training run in the same output_dir

@@ -67,7 +67,8 @@ class RunDirLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def take(self, directory: str) -> None:
+    def take(self, directory: str, name: str = "output_dir") -> None:
+        """`name`: what the refusal calls `directory` (lr_find locks `<output_dir>/lr_find`, not the output_dir)."""
         if self._fd is not None:
             raise DTrainError(f"internal: the run directory lock is already held on {self._dir}")
         path = os.path.join(directory, LOCK_FILE)
@@ -79,13 +80,16 @@ class RunDirLock:
             except FileNotFoundError:
                 continue  # a releasing run removed its empty directory between the two calls: make it again
             except OSError as exc:
-                raise ConfigError("output_dir", directory, f"a writable directory ({exc.strerror or exc})") from None
+                allowed = f"a writable directory ({exc.strerror or exc})"
+                raise ConfigError("output_dir", directory, allowed, "" if name == "output_dir" else
+                                  f"{name} {directory} is not writable ({exc.strerror or exc}); allowed: another "
+                                  "output_dir") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 # NFS keeps the lock of a node that died (see above): the way out, for when no job is left.
-                raise DTrainError(f"output_dir {directory} is in use by another run: {holder(path)}; wait for it "
+                raise DTrainError(f"{name} {directory} is in use by another run: {holder(path)}; wait for it "
                                   f"to end, or choose another output_dir (if it is gone, delete {path})") from None
             except OSError as exc:
                 os.close(fd)

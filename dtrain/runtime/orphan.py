@@ -7,7 +7,7 @@ agent, no hang-up from a terminal. Left alone they train on with nobody to colle
 it died while they started, wait in the connection to its store (the agent hosted it) for 15-20
 minutes, holding their GPUs all that time.
 
-A daemon thread compares `os.getppid()` with the launcher's pid once a second: an orphan is
+A daemon thread compares `os.getppid()` with the launcher's pid every POLL_S (0.25 s): an orphan is
 handed to another parent, so the number changes (cheaper than a signal to the pid, and immune to
 the pid's reuse). On the change the rank says so in one line, then does what the launcher would
 have done before dying: SIGTERM to itself, which the run's own handling turns into the right end
@@ -19,9 +19,10 @@ releases the GIL there (checked under torchrun). Not PR_SET_PDEATHSIG: it fires 
 that forked the rank ends, not the launcher, and it kills without a word.
 
 Only launches whose parent is the launcher are watched: torchrun / `accelerate launch` (the elastic
-agent) and srun (slurmstepd). Not `python -m dtrain` or `dtrain.train()` in a user's script or
-notebook, whose parent is a shell or a kernel that may rightly go away (`nohup`, `&`), nor
-RANK/WORLD_SIZE set by hand, where who the parent is is unknown.
+agent) and srun (slurmstepd), whether the rank runs `python -m dtrain` or a script calling
+`dtrain.train()`. Not a process started without a launcher (`python -m dtrain`, a script, a notebook),
+whose parent is a shell or a kernel that may rightly go away (`nohup`, `&`), nor RANK/WORLD_SIZE set
+by hand, where who the parent is is unknown.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from dtrain.runtime.env import LaunchInfo
 
 GRACE_S = 20.0
 """From the launcher's death to the hard exit: within the 30 s that torchrun and Slurm give a rank
-between SIGTERM and SIGKILL, less the poll's second."""
+between SIGTERM and SIGKILL, with room for the poll and the exit."""
 
 POLL_S = 0.25
 """getppid() is one cheap system call: four a second cost nothing and keep the heartbeats (once a second)

@@ -297,6 +297,13 @@ def test_the_peer_watch_lets_go_of_the_store() -> None:
     again.set("x", "1")
 
 
+def _silence(watch: object) -> None:
+    """A rank killed or frozen: its heartbeat thread stops without a word (not even that it is done)."""
+    watch.store = None  # type: ignore[attr-defined]
+    watch._stop.set()  # type: ignore[attr-defined]
+    watch._thread.join()  # type: ignore[attr-defined]
+
+
 def test_the_peer_watch_blames_the_dead_and_the_stalled_peer() -> None:
     """Four watches on one real store, as four ranks would be: rank 1 stops beating (dead), rank 2 beats but
     never reaches the collective, rank 3 waits in it as rank 0 does; after the timeout rank 0 blames 1 and 2."""
@@ -312,8 +319,7 @@ def test_the_peer_watch_blames_the_dead_and_the_stalled_peer() -> None:
     for r, w in enumerate(watches):
         w.step_of = lambda r=r: 10 + r
     time.sleep(0.3)
-    watches[1]._stop.set()  # killed: its thread stops without a word, its last beat and step stay in the store
-    watches[1]._thread.join()
+    _silence(watches[1])  # killed: its last beat and step stay in the store
     rank3 = threading.Thread(target=watches[3].diagnose, args=(True,))
     rank3.start()
     blame = watches[0].diagnose(True)
@@ -425,8 +431,7 @@ def test_only_a_stopped_silent_peer_is_frozen_not_one_that_is_finishing_or_runni
         watches[1].tell_failure(ValueError("its own failure"))
         watches[1].close()
         for r in (2, 3):  # silent without a word, as a frozen process is
-            watches[r]._stop.set()
-            watches[r]._thread.join()
+            _silence(watches[r])
         os.kill(children[1].pid, signal.SIGSTOP)
         time.sleep(0.1)
         blame, frozen = watches[0].examine(False)
@@ -467,6 +472,7 @@ def test_a_frozen_peer_is_ended_after_a_scripts_traceback_too(tmp_path: Path) ->
             store = dist.TCPStore("127.0.0.1", {free_port()}, 1, True, timeout=datetime.timedelta(seconds=5))
             watches = [PeerWatch(store, r, 2, interval_s=0.05) for r in range(2)]
             time.sleep(0.3)
+            watches[1].store = None  # silent without a word, as a frozen process is
             watches[1]._stop.set()
             watches[1]._thread.join()
             store.set(f"{{PROCESS}}/1", f"{{localproc._machine()}} {frozen.pid} {{localproc._stat({frozen.pid})[1]}}")

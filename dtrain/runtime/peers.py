@@ -108,13 +108,14 @@ class PeerWatch:
                 if failures >= 5:  # the store is gone (rank 0 exited): nothing to publish to
                     return
             self._stop.wait(self.interval_s)
+        # Said here, not in close(): a store that cannot be reached holds up this thread, not the rank's exit.
+        self._say_done()
 
     def close(self) -> None:
         """Stop publishing and let go of the store: rank 0's store server must not outlive the run
         (a second run in the same process binds MASTER_PORT again)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self._say_done()
         self.store = None
         self.step_of = lambda: 0
 

@@ -92,7 +92,10 @@ def _worker_init(names: tuple[str, ...], ending: Any, worker_id: int) -> None:
 
     def on_sigterm(signum: int, frame: Any) -> None:
         if ending.value:  # a plain shared byte: no lock to take inside a handler
-            os._exit(128 + signum)
+            # Die of the signal itself, as with no handler: the default action, then the same signal again.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         patient(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -99,8 +99,10 @@ def _run(setup: Setup, asked: Config, given: Given) -> RunResult:
         say(f"dtrain: stopped by {outcome.stopped_by} at step {state.step}; the run is finished")
     result = RunResult(outcome.eval, state, out, outcome.stopped_by)
     if dist_state.is_main and outcome.eval is not None:
-        values = " ".join(f"{k} {v:.4f}" for k, v in outcome.eval.items() if k != "samples")
-        print(f"dtrain: final eval {values} on {outcome.eval['samples']} samples; outputs in {out}", flush=True)
+        values = " ".join(f"{k} {v:.4f}" for k, v in outcome.eval.items() if k not in ("samples", "tokens"))
+        tokens = f" ({int(outcome.eval['tokens'])} tokens)" if "tokens" in outcome.eval else ""
+        print(f"dtrain: final eval {values} on {outcome.eval['samples']} samples{tokens}; outputs in {out}",
+              flush=True)
     return result
 
 

@@ -12,7 +12,9 @@ In order, each in its own processes:
    3 for the backward, over the device's peak for that precision; --peak-tflops to give your own).
 3. benchmarks/loop_overhead.py at one process: dtrain's loop against the hand-written one in one process,
    and the cost of the stop check, the non-finite guard and EMA.
-4. The FSDP2 and language-model benchmarks, once they are in benchmarks/ (tokens/s comes from the latter).
+4. benchmarks/gpt.py: the built-in GPT through dtrain against nanoGPT's loop written by hand (tokens/s, the
+   ratio, MFU, peak memory), at nanoGPT's GPU shakespeare_char size in bf16 on a GPU.
+5. The FSDP2 benchmark, once it is in benchmarks/.
 
 Without CUDA, whatever needs a GPU is reported as skipped with the reason, and the rest runs in smoke
 size, so this script cannot rot before a GPU is lent. The report is printed as Markdown and written to
@@ -47,7 +49,7 @@ PEAK_TFLOPS = {
 # (warm-up, timed) micro-batches for the throughput runs.
 WINDOWS = {"mlp": (32, 1600), "cnn": (16, 480)}
 SMOKE_WINDOWS = {"mlp": (4, 16), "cnn": (2, 4)}
-LATER = {"fsdp2": "benchmarks/fsdp2.py", "language model": "benchmarks/gpt.py"}
+LATER = {"fsdp2": "benchmarks/fsdp2.py"}
 
 
 def device_info() -> dict[str, Any]:
@@ -154,6 +156,17 @@ def run_loop_overhead(smoke: bool, timeout_s: float) -> dict[str, Any]:
     return {"exit": 0, "ratios": ratios, "output": res.stdout}
 
 
+def run_gpt(cuda: bool, smoke: bool, out: Path, timeout_s: float) -> dict[str, Any]:
+    """benchmarks/gpt.py: dtrain's GPT against nanoGPT's loop by hand; tokens/s, the ratio, MFU, peak memory."""
+    args = ["--quick"] if smoke else (["--gpu-size"] if cuda else [])
+    path = out / "gpt.json"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpt.py"), *args, "--json", str(path)], cwd=REPO,
+                         capture_output=True, text=True, env=compare._env(), timeout=timeout_s)
+    if res.returncode != 0 or not path.exists():
+        return {"exit": res.returncode or 1, "tail": res.stdout[-2000:] + res.stderr[-2000:]}
+    return {"exit": 0, **json.loads(path.read_text()), "output": res.stdout}
+
+
 def report(result: dict[str, Any]) -> str:
     dev, lines = result["device"], []
     where = (f"{dev['name']} ({dev['memory_gb']} GiB, {dev['count']} device(s))" if dev["cuda"]
@@ -183,9 +196,11 @@ def report(result: dict[str, Any]) -> str:
     lines.append("\nloop_overhead.py, one process:")
     lines += ([f"- {k}: {v:.3f}" for k, v in overhead["ratios"].items()] if overhead["exit"] == 0
               else [f"- failed (exit {overhead['exit']}): {overhead.get('problem', '')}\n```\n{overhead['tail']}\n```"])
+    gpt = result["gpt"]
+    lines.append("\nbenchmarks/gpt.py (dtrain's GPT against nanoGPT's loop by hand, one process):")
+    lines += ([f"- {line}" for line in gpt["output"].splitlines()] if gpt["exit"] == 0
+              else [f"- failed (exit {gpt['exit']}): {gpt.get('problem', '')}\n```\n{gpt['tail']}\n```"])
     lines += [f"- skipped: the {what} benchmark: {why}" for what, why in result["later"].items()]
-    lines.append("- tokens/s: comes with the language-model benchmark" if "language model" in result["later"]
-                 else "")
     return "\n".join(lines) + "\n"
 
 
@@ -222,13 +237,14 @@ def main() -> int:
            "tail": ""})
     phase("throughput", 0.5, lambda s: run_throughput(dev["cuda"], dev.get("name"), smoke, args.peak_tflops),
           {"rows": [], "skipped": []})
-    phase("loop_overhead", 1.0, lambda s: run_loop_overhead(smoke, s), {"exit": -1, "tail": ""})
+    phase("loop_overhead", 0.4, lambda s: run_loop_overhead(smoke, s), {"exit": -1, "tail": ""})
+    phase("gpt", 1.0, lambda s: run_gpt(dev["cuda"], smoke, out, s), {"exit": -1, "tail": ""})
     result["later"] = {what: f"{path} is not in the project yet" for what, path in LATER.items()
                        if not (REPO / path).exists()}
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     print(report(result), flush=True)
     failed = (result["pytest"]["failed"] + result["pytest"]["errors"] or result["loop_overhead"]["exit"]
-              or "problem" in result["throughput"])
+              or result["gpt"]["exit"] or "problem" in result["throughput"])
     return 1 if failed else 0
 
 

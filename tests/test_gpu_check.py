@@ -52,3 +52,6 @@ def test_runs_on_cpu_and_says_what_it_skipped(tmp_path: Path) -> None:
     assert set(got["loop_overhead"]["ratios"]) >= {"dtrain / hand-written", "with ema.decay / without"}
     assert "skipped: bf16 and fp16 throughput: need a CUDA device" in res.stdout
     assert "pytest -m gpu: 0 passed, 0 failed, 0 errors" in res.stdout
+    gpt = got["gpt"]
+    assert gpt["exit"] == 0 and gpt["ratio"] > 0 and all(r["tokens_per_s"] > 0 for r in gpt["runs"]["dtrain"])
+    assert "ratio dtrain / by hand" in res.stdout

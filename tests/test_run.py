@@ -226,12 +226,13 @@ def test_a_rank_that_fails_during_set_up_stops_the_others_at_once(tmp_path: Path
      "(the outputs of model.name=tests.workers.bad_factories:one_output)"),
     (["model.name=tests.workers.bad_factories:no_parameters"],
      "the model (Flatten, from model.name=tests.workers.bad_factories:no_parameters) has no parameters"),
-    (["model.name=tests.workers.bad_factories:returns_a_tuple"],
-     "model.name=tests.workers.bad_factories:returns_a_tuple: the model returned tuple; expected one tensor"),
+    (["model.name=tests.workers.bad_factories:returns_a_loss_dict"],
+     "model.name=tests.workers.bad_factories:returns_a_loss_dict: the model returned a dict with keys ['loss']; "
+     "expected a tensor of outputs"),
     (["loss.name=tests.workers.bad_factories:batch_mean_loss"],
      "loss.name tests.workers.bad_factories:batch_mean_loss returned shape () for a batch of 32; expected one value "
      "per sample"),
-], ids=["classes", "regression-shape", "no-parameters", "tuple", "batch-mean-loss"])
+], ids=["classes", "regression-shape", "no-parameters", "dict-without-logits", "batch-mean-loss"])
 def test_an_unusable_factory_is_one_line_before_training(tmp_path: Path, args: list[str], says: str) -> None:
     out = tmp_path / "run"
     line = one_line_error(["data.name=synthetic", "data.num_workers=0", f"output_dir={out}", *args])

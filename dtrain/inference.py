@@ -329,9 +329,9 @@ def _shard_outputs(run: Opened) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     for batch in run.loader:
         x, _ = to_device(run.task.split(batch), device)
         with precision.autocast():
-            out = model(x)
-        if not isinstance(out, torch.Tensor):
-            raise DTrainError(f"the model returned a {type(out).__name__}; predict writes one tensor of outputs")
+            # As training calls it: data.input_key=* as keyword arguments; a dict, an object with logits or a
+            # tuple gives its outputs, anything else is one line.
+            out = run.task.forward(model, x)
         # Half outputs of autocast become float32, as the eval's loss sees them.
         outputs.append((out.float() if out.dtype in (torch.float16, torch.bfloat16) else out).cpu())
     if not outputs:

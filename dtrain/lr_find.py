@@ -149,8 +149,7 @@ def range_test(state: TrainState, task: Task, batches: Iterator[Window], cfg: LR
             group["lr"] = base * lr / base_lr
         train_step(state, task, next(batches), meter)
         totals = meter.take_window(state.dist)  # all-reduced: the global sample-weighted mean
-        loss_sum, count = totals.loss_sum, totals.samples
-        loss = loss_sum / count
+        loss = totals.loss  # the global mean: over samples, or over tokens for a weighted loss
         smoothed = smoother.update(loss)
         curve.lrs.append(lr)
         curve.losses.append(loss)

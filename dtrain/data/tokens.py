@@ -94,7 +94,7 @@ def read_vocab_size(path: str) -> int:
     try:
         with open(path, "rb") as f:
             meta = _PlainData(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged or hostile pickle fails in many ways: one line each
         raise DTrainError(f"data.path: cannot read {path} as plain data ({' '.join(str(exc).split())}); dtrain "
                           "reads only dicts, lists, strings and numbers from it") from None
     vocab = meta.get("vocab_size") if isinstance(meta, dict) else None

@@ -78,7 +78,7 @@ def train_step(state: TrainState, task: Task, window: Window, meter: Meter,
                 raise DTrainError(f"loss.name {task.loss_name} returned (values, weights) for some micro-batches "
                                   "and values alone for others; return the same kind for every batch")
             if weight is not None and alone:
-                precision.backward(loss_sum * _inverse(weight))
+                precision.backward(loss_sum * _inverse(weight.detach()))  # a count, not part of the graph
             else:
                 precision.backward(loss_sum * scale)
         if watch is not None:
@@ -125,7 +125,7 @@ def _inverse(weight: torch.Tensor) -> torch.Tensor:
 def _reweigh(state: TrainState, weights: list[torch.Tensor], global_real: int) -> None:
     """The reduced gradient of the window's per-sample mean -> that of its weighted mean: x (samples / weight),
     with the weight summed over the micro-steps and the ranks on the device."""
-    total = torch.stack(weights).sum().to(torch.float64).reshape(1)
+    total = torch.stack(weights).to(torch.float64).sum().reshape(1)  # exact past 2**24 tokens
     total = state.dist.all_reduce_sum(total)  # the step's one extra collective: one number
     factor = (global_real * _inverse(total)).to(torch.float32).reshape(())
     grads = [p.grad for p in state.module.parameters() if p.grad is not None]

@@ -328,3 +328,19 @@ def test_a_failure_from_the_command_line_is_one_line(mlp_run: Path, tmp_path: Pa
     res = torchrun(2, ["-m", "dtrain.eval", str(mlp_run), "--checkpoint", "best"])
     ours = [ln for ln in res.stderr.splitlines() if ln.startswith("dtrain.eval: error")]
     assert res.returncode != 0 and len(ours) == 1 and "has no best weights" in ours[0], res.stderr
+
+
+def test_predict_takes_the_outputs_of_a_model_that_returns_a_tuple(tmp_path: Path) -> None:
+    """The model is called as in training: the first element of a tuple is the outputs."""
+    from dtrain.run import train
+    from tests.workers.tuple_model import Pair
+
+    out = tmp_path / "run"
+    train(load_config(None, [*DATA, f"train.seed={SEED}", "train.epochs=1", "log.progress=none",
+                             "model.name=tests.workers.tuple_model:build", f"output_dir={out}"]), environ={})
+    assert predict_main([str(out), str(tmp_path / "p.pt")]) == 0
+    plain = Pair(32, 10)
+    plain.load_state_dict(torch.load(out / "model.pt"))
+    with torch.no_grad():
+        expected = plain.eval()(_eval_x())[0]
+    torch.testing.assert_close(torch.load(tmp_path / "p.pt")["outputs"], expected, rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 
@@ -228,3 +228,21 @@ PartitionName=high Nodes={all_nodes} MaxTime=INFINITE State=UP PriorityTier=10 P
             time.sleep(0.2)
         if fail:
             raise TimeoutError(f"waited {timeout:.0f} s for {what}\n{self.log_tail()}")
+
+
+def running(root: Path, nodes: int = 1, why_not: Optional[str] = None) -> Iterator[SlurmCluster]:
+    """A fixture's body: a started cluster under `root`, stopped afterwards; without Slurm (or for `why_not`)
+    the test is skipped, and under CI it fails (.ci/run installs the packages)."""
+    import pytest
+
+    why = missing() or why_not
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the slurm tests: {why}")
+        pytest.skip(why)
+    c = SlurmCluster(root, nodes=nodes)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

@@ -24,7 +24,7 @@ from dtrain.checkpoint.store import committed
 from dtrain.runtime.env import LaunchInfo
 from dtrain.runtime.orphan import watching
 from helpers import REPO, child_env
-from slurm_cluster import SlurmCluster, missing
+from slurm_cluster import SlurmCluster, running
 
 pytestmark = pytest.mark.multiproc
 
@@ -207,17 +207,7 @@ def _processes_naming(text: str) -> dict[int, bytes]:
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    why = missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the slurm tests: {why}")
-        pytest.skip(why)
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from running(tmp_path_factory.mktemp("slurm"))
 
 
 @pytest.mark.slurm

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from helpers import REPO, child_env, dtrain, records
-from slurm_cluster import SlurmCluster, missing
+from slurm_cluster import SlurmCluster, running
 from test_logging import read_wandb_run_dir, tensorboard_points, wandb_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]
@@ -34,33 +34,14 @@ MODEL = "model.name=tests.workers.dropout_model:build"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    why = missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the slurm tests: {why}")  # .ci/run installs the packages
-        pytest.skip(why)
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from running(tmp_path_factory.mktemp("slurm"))
 
 
 @pytest.fixture(scope="module")
 def cluster2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """Two emulated nodes on 127.0.0.1 (their names go into /etc/hosts while the cluster runs)."""
-    why = missing() or (None if os.access("/etc/hosts", os.W_OK) else "/etc/hosts is not writable")
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the slurm tests: {why}")
-        pytest.skip(why)
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
+    yield from running(tmp_path_factory.mktemp("slurm2"), nodes=2,
+                       why_not=None if os.access("/etc/hosts", os.W_OK) else "/etc/hosts is not writable")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ class Result:
     eval: Optional[dict[str, float]]
     """The last evaluation: the loss, each metric, and `samples`; None without eval data."""
     model: nn.Module
-    """The trained model, unwrapped from the strategy's wrapper (the same on every rank)."""
+    """The trained model, unwrapped from the strategy's wrapper, the same on every rank (under
+    dist.strategy=fsdp2 gathered whole: a plain module again)."""
     config: Config
     """The config the run used."""
     is_main: bool
@@ -68,7 +69,7 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
         overrides = [*overrides, f"loss.name={loss}"]  # a name is config: config.yaml and W&B record it
         loss = None
     cfg = _config(config, overrides)
-    given = Given(model=model, loss=loss, callbacks=list(callbacks))
+    given = Given(model=model, loss=loss, callbacks=list(callbacks), returns_model=True)
     if train_data is not None:
         given.data = as_datasets((train_data, eval_data), "dtrain.train(train_data=..., eval_data=...)")
     elif eval_data is not None:
@@ -78,7 +79,8 @@ def train(model: Union[nn.Module, Callable[..., nn.Module], None] = None,
     elif metrics is not None:
         given.metrics = [(None, fn) for fn in metrics]
     result = run_train(cfg, given=given)
-    return Result(result.eval, result.state.module, cfg, result.state.dist.is_main, result.output_dir)
+    model_out = result.model if result.model is not None else result.state.module
+    return Result(result.eval, model_out, cfg, result.state.dist.is_main, result.output_dir)
 
 
 def load(run_dir: Union[str, "os.PathLike[str]"], checkpoint: Union[str, "os.PathLike[str]"] = "last",

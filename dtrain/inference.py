@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dtrain.checkpoint import store
+from dtrain.checkpoint import sharded, store
 from dtrain.checkpoint.integrity import zip_problem
 from dtrain.checkpoint.store import BEST, MODEL_BEST, MODEL_EMA
 from dtrain.config import Config, load_config, yamlfile
@@ -29,8 +29,9 @@ from dtrain.data.loaders import build_loaders
 from dtrain.data.source import to_device
 from dtrain.data.types import Datasets, fill_in_shapes
 from dtrain.errors import DTrainError
-from dtrain.loop.precision import build_precision
+from dtrain.loop.precision import check_precision
 from dtrain.loop.state import TrainState
+from dtrain.loop.evaluate import even_batches
 from dtrain.loop.task import Task
 from dtrain.models.builtin import build_model
 from dtrain.runtime.devices import resolve_backend, resolve_device
@@ -153,6 +154,8 @@ def _given_path(path: str) -> Weights:
         state = _read_file(path)
         train = state.get("train")
         # A checkpoint's own state.pt, named as a file: its model entry.
+        if isinstance(train, Mapping) and state.get("sharded"):  # a sharded checkpoint's state.pt
+            return Weights(sharded.full_model(os.path.dirname(path), state), path)
         return Weights(train["model"], path) if isinstance(train, Mapping) and "model" in train else \
             Weights(state, path)
     raise DTrainError(f"checkpoint {path!r} not found; allowed: {' | '.join(CHOICES)} | a committed checkpoint "
@@ -160,7 +163,8 @@ def _given_path(path: str) -> Weights:
 
 
 def _from_checkpoint(path: str) -> Weights:
-    return Weights(store.load(path)["train"]["model"], f"{path} (step {store.step_of(path)})")
+    # A sharded checkpoint's model is assembled from its shards, in this process alone.
+    return Weights(sharded.full_model(path, store.load(path)), f"{path} (step {store.step_of(path)})")
 
 
 def _read_file(path: str) -> Mapping[str, Any]:
@@ -261,7 +265,7 @@ def open_run(run_dir: str, checkpoint: str = "last", overrides: Sequence[str] = 
     launch = detect_launch(os.environ if environ is None else environ)
     device = resolve_device(cfg.train.device, launch.local_rank)
     backend = resolve_backend(cfg.dist.backend, device)
-    precision = build_precision(cfg.train.precision, device)
+    check_precision(cfg.train.precision, device)
     with distributed(launch, backend, device, cfg.dist.timeout_s, cfg.dist.start_timeout_s) as dist_state:
         fetch_datasets(cfg.data, cfg.train.seed, dist_state)
         error: Optional[Exception] = None
@@ -285,7 +289,7 @@ def open_run(run_dir: str, checkpoint: str = "last", overrides: Sequence[str] = 
         except Exception as exc:
             error = exc
         dist_state.check_all(error, "while loading the run")
-        state, _ = build_train_state(cfg, dist_state, model, 1, precision)
+        state, _ = build_train_state(cfg, dist_state, model, 1)
         try:
             yield Opened(cfg, runtime, weights.source, task, state, loader, len(chosen))  # type: ignore[arg-type]
         finally:
@@ -326,12 +330,14 @@ def _shard_outputs(run: Opened) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(dataset indices, outputs) of this rank's shard, on the CPU; None for an empty shard."""
     model, precision, device = run.state.module.eval(), run.state.precision, run.dist.device
     outputs = []
-    for batch in run.loader:
+    for batch, real in even_batches(run.loader, run.state):  # under FSDP2 every forward is a collective
         x, _ = to_device(run.task.split(batch), device)
         with precision.autocast():
             # As training calls it: data.input_key=* as keyword arguments; a dict, an object with logits or a
             # tuple gives its outputs, anything else is one line.
             out = run.task.forward(model, x)
+        if not real:
+            continue
         # Half outputs of autocast become float32, as the eval's loss sees them.
         outputs.append((out.float() if out.dtype in (torch.float16, torch.bfloat16) else out).cpu())
     if not outputs:

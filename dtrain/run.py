@@ -44,6 +44,8 @@ class RunResult:
     """Why the run stopped after a checkpoint (a signal, a callback); None when it ran to the end."""
     requeue: bool = False
     """Whether this process should requeue its Slurm job (rank 0, stopped by a signal, checkpoint.requeue)."""
+    model: Optional[torch.nn.Module] = None
+    """With Given.returns_model: the user's module, usable without the process group (Strategy.release)."""
 
 
 def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optional[Given] = None) -> RunResult:
@@ -53,6 +55,8 @@ def train(cfg: Config, environ: Optional[Mapping[str, str]] = None, given: Optio
     # file of the run is written and the process group is gone; the other ranks never take it.
     with RunDirLock() as lock, set_up(cfg, environ, lambda: decide_start(cfg, lock), given=given) as setup:
         result = _run(setup, cfg, given)
+        if given.returns_model:  # while the process group is still there: a sharding strategy gathers
+            result.model = setup.state.strategy.release(setup.state.model)
     if result.requeue:
         # Last of all: the loggers are closed and the process group is gone, so the requeue's
         # SIGTERM to the step finds nothing of this run half-done.
@@ -170,6 +174,8 @@ def _introduce(setup: Setup, runtime: dict[str, Any], progress: Progress, say: A
     """The run's opening lines on rank 0's console."""
     progress.print("dtrain: " + " ".join(f"{k}={v}" for k, v in runtime.items()))
     progress.print(_groups_text(setup.groups, setup.state.module))
+    if setup.state.strategy.note:
+        progress.print(setup.state.strategy.note)
     data = setup.data
     n_eval = len(data.eval) if data.eval is not None else 0  # type: ignore[arg-type]
     progress.print(f"dtrain: {len(data.train)} train / {n_eval} eval samples, "  # type: ignore[arg-type]

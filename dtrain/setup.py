@@ -57,6 +57,9 @@ class Given:
     """(name or None, metric) pairs added to loss.metrics."""
     callbacks: list[Any] = field(default_factory=list)
     """dtrain.Callback objects, called after dtrain's own."""
+    returns_model: bool = False
+    """Whether the caller keeps the trained module (dtrain.train): the strategy then hands it over usable
+    without the process group (a sharded model gathered whole)."""
 
     def model_label(self, cfg: Config) -> str:
         """How errors name the model: its config key, or what was handed to dtrain.train."""
@@ -90,6 +93,7 @@ def build_parts(cfg: Config, dist_state: DistState, model: torch.nn.Module) -> P
         raise DTrainError(f"the model ({type(model).__name__}, from model.name={cfg.model.name}) {what}: "
                           "nothing to train")
     model = model.to(dist_state.device)
+    build_strategy(cfg.dist, dist_state, cfg.train.precision).check(model)  # e.g. fsdp2 with nothing to shard
     # A throwaway optimizer on the plain model: parameter-group errors surface here, before the agreement
     # and the strategy's first collective. The real one is built after the wrap, from the wrapped model.
     _, infos = _optimizer(cfg, dist_state, model)
@@ -100,10 +104,11 @@ def build_state(cfg: Config, dist_state: DistState, parts: Parts, total_steps: i
                 precision: Optional[Precision] = None) -> TrainState:
     """The strategy's wrap (DDP's construction broadcasts rank 0's weights; one process is not wrapped), then the
     optimizer over the wrapped model's parameters, schedule and precision."""
-    precision = precision or build_precision(cfg.train.precision, dist_state.device)
+    strategy = build_strategy(cfg.dist, dist_state, cfg.train.precision)
+    precision = precision or build_precision(cfg.train.precision, dist_state.device, strategy.casts_parameters,
+                                             strategy.sharded)
     watch = compile_in_place(parts.model) if cfg.train.compile else CompileWatch()
     try:
-        strategy = build_strategy(cfg.dist, dist_state)
         model = strategy.wrap(parts.model)
         optimizer, _ = _optimizer(cfg, dist_state, strategy.unwrap(model))
         scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total_steps)
@@ -249,7 +254,7 @@ def set_up(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable[
         # From here on, randomness (dropout, say) differs between ranks, reproducibly.
         seed_everything(rank_seed(cfg.train.seed, dist_state.rank, dist_state.world_size))
         total = total_steps or plan_for(cfg).total_steps(built.loaders.train.steps_per_epoch)
-        state = build_state(cfg, dist_state, built.parts, total, precision)
+        state = build_state(cfg, dist_state, built.parts, total)
         try:
             if dist_state.watch is not None:
                 dist_state.watch.step_of = lambda: state.step  # published for the other ranks' error messages

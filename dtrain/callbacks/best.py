@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from dtrain.callbacks.monitor import eval_value
-from dtrain.checkpoint import store
+from dtrain.checkpoint import sharded, store
 from dtrain.errors import DTrainError
 from dtrain.loop.hooks import Callback, RunView
 from dtrain.runtime.files import write_atomic
@@ -69,7 +69,7 @@ class BestCheckpoints(Callback):
         weights = None
         if self._pointed != self.best[0][1]:
             path = os.path.join(store.checkpoints_dir(self.output_dir), store.dir_name(self.best[0][1]))
-            weights = store.load(path)["train"]["model"]
+            weights = sharded.full_model(path, store.load(path))  # a sharded checkpoint's, put together here
         self._write_pointers(weights)
 
     def on_save(self, run: RunView) -> None:

@@ -20,7 +20,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip", "ignore")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "nccl", "gloo")
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp2")
 """How 2 or more processes share the model (dtrain/parallel/: one module each, registered by this name)."""
 GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")

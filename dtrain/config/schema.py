@@ -218,8 +218,28 @@ class DistConfig:
     backend: str = "auto"
     """auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
     strategy: str = "ddp"
-    """How 2 or more processes share the model: ddp (every rank holds the whole model, its gradients and
-    optimizer state; the gradients are averaged over the ranks). One process is never wrapped."""
+    """How 2 or more processes share the model. ddp: every rank holds the whole model, its gradients and
+    optimizer state (with Adam 16 bytes per parameter per rank); the gradients are averaged over the ranks.
+    fsdp2: PyTorch's fully_shard; each rank holds 1/W of the parameters, gradients and optimizer state, and
+    gathers one shard unit (dist.shard) at a time for its forward and backward: for models whose DDP footprint
+    does not fit one device, at the cost of more communication (every forward gathers the weights). Checkpoints
+    are then sharded (each rank writes its own part) and resume at another world size or under the other
+    strategy. One process is never wrapped (fsdp2 at one process says so once and trains unsharded)."""
+    shard: list[str] = field(default_factory=lambda: ["auto"])
+    """fsdp2: which submodules are shard units, each gathered on its own (the rest belongs to the root unit).
+    [auto]: the children of every nn.ModuleList in the model (a transformer's blocks); or class-name globs,
+    e.g. [Block] or ['*Layer']. Smaller units lower the peak memory (one unit's full weights at a time),
+    more units mean more, smaller collectives."""
+    reshard_after_forward: bool = True
+    """fsdp2: free each unit's gathered weights after its forward and gather them again for the backward
+    (lowest memory); false keeps them from forward to backward (one all-gather fewer per unit and micro-step,
+    more memory)."""
+    reduce_every_micro_step: bool = False
+    """fsdp2 with train.grad_accum_steps > 1: reduce-scatter the gradients after every micro-step's backward
+    instead of once per optimizer step. false (default): the unsharded gradients accumulate locally over the
+    window and are reduced once (K times less gradient communication, but each rank holds the full gradients of
+    the model for the window). true: each rank only ever keeps its shard of the gradients (1/W of the memory),
+    paying one reduce-scatter per micro-step. The numbers are the same either way."""
     timeout_s: int = 600
     """Step timeout: how long a collective waits for the other ranks once training runs. A rank
     that stalls or hangs longer fails the job, and the message names the ranks that were behind.

@@ -111,6 +111,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.dist.bucket_cap_mb is None or (cfg.dist.bucket_cap_mb > 0 and math.isfinite(cfg.dist.bucket_cap_mb)),
            "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, "a number of MiB > 0, or null for DDP's default (25)")
     _choice("dist.grad_compression", cfg.dist.grad_compression, GRAD_COMPRESSIONS)
+    shard = cfg.dist.shard
+    _check(shard == ["auto"] or (bool(shard) and "auto" not in shard and all(g.strip() for g in shard)),
+           "dist.shard", shard, "[auto] | a list of class-name globs, e.g. [Block] or ['*Layer']")
+    if cfg.dist.strategy == "fsdp2":
+        _check(cfg.dist.grad_compression == "none", "dist.grad_compression", cfg.dist.grad_compression,
+               "none with dist.strategy=fsdp2 (a DDP hook; fsdp2 reduces in fp32, or in the parameters' dtype)")
+        _check(cfg.ema.decay is None, "ema.decay", cfg.ema.decay,
+               "null with dist.strategy=fsdp2 (the weight average is not sharded yet; use dist.strategy=ddp)")
 
     _check(lg.every_steps >= 1, "log.every_steps", lg.every_steps, "an integer >= 1")
     _choice("log.progress", lg.progress, PROGRESS)

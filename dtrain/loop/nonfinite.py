@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from dtrain.parallel.base import local_tensors
 from dtrain.runtime.dist import DistState
 from dtrain.errors import SAID_BY_RANK_0, DTrainError
 
@@ -148,8 +149,9 @@ class NonFiniteGuard:
         """
         params = [p for group in optimizer.param_groups for p in group["params"]]
         keys = [set(optimizer.state[p]) if p in optimizer.state else None for p in params]
-        tensors = params + [v for p in params for v in optimizer.state.get(p, {}).values()
-                            if isinstance(v, torch.Tensor)]
+        # Each rank keeps and restores its own part (a sharded strategy's shards).
+        tensors = local_tensors(params + [v for p in params for v in optimizer.state.get(p, {}).values()
+                                          if isinstance(v, torch.Tensor)])
         if len(self._saved) != len(tensors) or any(s.shape != t.shape or s.device != t.device
                                                    for s, t in zip(self._saved, tensors)):
             self._saved = [torch.empty_like(t) for t in tensors]

@@ -16,10 +16,13 @@ from dtrain.errors import ConfigError
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    def __init__(self, name: str, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None,
+                 autocasts: bool = True) -> None:
         self.name = name
         self.device = device
         self.scaler = scaler
+        self.autocasts = autocasts
+        """False where the strategy casts the parameters itself (FSDP2's mixed precision): no autocast then."""
         self._stepped = False
         self._hooked: set[int] = set()
 
@@ -28,7 +31,7 @@ class Precision:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
 
     def autocast(self) -> AbstractContextManager:
-        if self.dtype is None:
+        if self.dtype is None or not self.autocasts:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
@@ -76,6 +79,20 @@ def check_precision(name: str, device: torch.device) -> None:
         raise ConfigError("train.precision", name, "fp32 | bf16 on CPU (fp16 needs CUDA)")
 
 
-def build_precision(name: str, device: torch.device) -> Precision:
+def build_precision(name: str, device: torch.device, casts_parameters: bool = False,
+                    sharded: bool = False) -> Precision:
+    """`casts_parameters`: the strategy computes in `name`'s dtype itself (no autocast); `sharded`: the gradients
+    are sharded over the ranks, so an fp16 overflow found in one rank's shard must skip the step on all."""
     check_precision(name, device)
-    return Precision(name, device, torch.amp.GradScaler("cuda") if name == "fp16" else None)
+    scaler = None
+    if name == "fp16":
+        scaler = sharded_scaler(device) if sharded else torch.amp.GradScaler(device.type)
+    return Precision(name, device, scaler, autocasts=not casts_parameters)
+
+
+def sharded_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler for sharded gradients: it all-reduces the found-inf flags over the ranks before the step, so
+    every rank skips the same steps (torch's ShardedGradScaler)."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device.type)

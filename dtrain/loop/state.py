@@ -50,9 +50,13 @@ class TrainState:
         return self.strategy.unwrap(self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """Everything but, under a sharded strategy, the model and optimizer state (`sharded_state`)."""
+        whole = {} if self.strategy.sharded else {
             "model": self.strategy.model_state(self.model),
             "optimizer": self.strategy.optim_state(self.model, self.optimizer),
+        }
+        return {
+            **whole,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.state_dict(),
             "step": self.step,
@@ -61,9 +65,24 @@ class TrainState:
             "finished_by": self.finished_by,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_model_state(self.model, state["model"])
-        self.strategy.load_optim_state(self.model, self.optimizer, state["optimizer"])
+    def sharded_state(self) -> Optional[dict[str, Any]]:
+        """Under a sharded strategy, this rank's shards of the model and optimizer state, which a checkpoint saves
+        apart from `state_dict()` (every rank calls it); None otherwise."""
+        if not self.strategy.sharded:
+            return None
+        # Buffers are not sharded, and the checkpoint keeps one rank's copy (whichever): make every rank's rank 0's,
+        # the ones eval and model.pt use, so that a resumed run holds what the uninterrupted one does.
+        self.strategy.share_buffers(self.model)
+        return self.strategy.sharded_state(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any], shards: Optional[str] = None) -> None:
+        """`shards`: the directory of a sharded checkpoint's model and optimizer state (else they are in
+        `state`); either kind loads under any strategy and world size."""
+        if shards is not None:
+            self.strategy.load_sharded_state(self.model, self.optimizer, shards)
+        else:
+            self.strategy.load_model_state(self.model, state["model"])
+            self.strategy.load_optim_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("scaler"))
         self.step, self.epoch = int(state["step"]), int(state["epoch"])

@@ -128,7 +128,7 @@ def _reweigh(state: TrainState, weights: list[torch.Tensor], global_real: int) -
     total = torch.stack(weights).to(torch.float64).sum().reshape(1)  # exact past 2**24 tokens
     total = state.dist.all_reduce_sum(total)  # the step's one extra collective: one number
     factor = (global_real * _inverse(total)).to(torch.float32).reshape(())
-    grads = [p.grad for p in state.module.parameters() if p.grad is not None]
+    grads = state.strategy.local_grads(state.model)  # a sharded strategy's own shards: scaled where they lie
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
         by_kind.setdefault((g.device, g.dtype), []).append(g)

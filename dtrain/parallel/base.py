@@ -9,7 +9,7 @@ Every method takes the wrapped model, as `wrap` returned it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,19 @@ class Strategy(ABC):
     even_eval_batches: bool = False
     """Whether eval must give every rank the same number of batches (a strategy whose forward is itself a
     collective); False: each rank scores its own shard to its end."""
+    sharded: bool = False
+    """Whether the model and optimizer state are sharded over the ranks: the checkpoint then saves each rank's
+    shards through torch.distributed.checkpoint (`sharded_state`) instead of one full state."""
+    casts_parameters: bool = False
+    """Whether the strategy casts the parameters for compute itself (FSDP2's mixed precision): then the
+    precision does not autocast."""
+    name: str = ""
+    """The strategy's dist.strategy name, for messages."""
+    note: Optional[str] = None
+    """A line the run's start prints once (rank 0), when the strategy is not what the config asked for."""
+
+    def check(self, module: nn.Module) -> None:
+        """Refuse a model this strategy cannot spread, on every rank before any collective (one line)."""
 
     @abstractmethod
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -43,6 +56,10 @@ class Strategy(ABC):
         """Clip the gradients to `max_norm` in place; the global norm before clipping."""
         return nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), max_norm)
 
+    def local_grads(self, model: nn.Module) -> list[torch.Tensor]:
+        """This rank's gradient tensors, to be scaled in place (a sharded strategy's shards)."""
+        return [p.grad for p in self.unwrap(model).parameters() if p.grad is not None]
+
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
         """The global gradient norm, without clipping."""
         return nn.utils.get_total_norm([p.grad for p in self.unwrap(model).parameters() if p.grad is not None])
@@ -62,5 +79,35 @@ class Strategy(ABC):
     def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
+    def sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """{"model": ..., "optimizer": ...} as torch.distributed.checkpoint saves and loads them (parameter names
+        as keys): this rank's shards under a sharded strategy, the full tensors otherwise. Every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.unwrap(model), optimizer)
+        return {"model": model_state, "optimizer": optim_state}
+
+    def load_sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+        """Load a sharded checkpoint's model and optimizer state from the directory `path`, resharded to this
+        strategy and world size (any strategy reads any world size's shards). Every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self.sharded_state(model, optimizer)  # the templates DCP fills in place
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def release(self, model: nn.Module) -> nn.Module:
+        """The user's module as a plain module that works without the process group (`dtrain.train`'s
+        Result.model, taken before the group is destroyed). Every rank calls it."""
+        return self.unwrap(model)
+
     def share_buffers(self, model: nn.Module) -> None:
         """Before eval: give every rank rank 0's buffers. Every rank calls it."""
+
+
+def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's part on this rank: a DTensor's local shard (a view: writing to it writes the DTensor), any
+    other tensor itself."""
+    return [t._local_tensor if hasattr(t, "_local_tensor") else t for t in tensors]

@@ -9,7 +9,7 @@ under DDP (the average over one rank is the gradient itself), only faster.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Optional
 
 from torch import nn
 
@@ -17,6 +17,9 @@ from dtrain.parallel.base import Strategy
 
 
 class Alone(Strategy):
+    def __init__(self, note: Optional[str] = None) -> None:
+        self.note = note
+
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
 

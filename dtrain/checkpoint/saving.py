@@ -8,12 +8,12 @@ by name on resume, so a new component keeps its state without a new payload key 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Collection, Mapping, Optional, Protocol
 
 import torch.distributed as dist
 
+from dtrain.checkpoint import sharded
 from dtrain.checkpoint import store as checkpoint
 from dtrain.config import Config, global_batch, resume_conflicts, to_dict
 from dtrain.data.source import TrainSource
@@ -66,8 +66,9 @@ def restore(state: TrainState, payload: dict[str, Any], cfg: Config, source: Tra
                           "processes); "
                           "change data.batch_size or train.grad_accum_steps so that they match")
     try:
-        state.load_state_dict(payload["train"])
-    except (RuntimeError, KeyError, ValueError) as exc:  # e.g. a model factory changed since the save
+        state.load_state_dict(payload["train"], sharded.shards_of(path, payload))
+    except (RuntimeError, KeyError, ValueError, sharded.checkpoint_exception()) as exc:  # e.g. a factory changed
+        exc = sharded.unwrap(exc)  # a sharded load's error carries each rank's own
         first = " ".join(str(exc).split())[:300]
         raise DTrainError(f"cannot resume from {path}: it does not fit this run's model or optimizer "
                           f"({type(exc).__name__}: {first})") from None
@@ -117,6 +118,7 @@ class Checkpointer:
         # Every rank asks for each state, though rank 0's alone is written: a sharding strategy gathers the
         # model there, and a registered object may gather its own.
         train = state.state_dict()
+        shards = state.sharded_state()
         data = self.source.state_dict()
         states = {name: obj.state_dict() for name, obj in self.states.items()}
         mine = rng_state(self.source.workers_rng)
@@ -125,17 +127,21 @@ class Checkpointer:
             rngs = [None] * self.dist_state.world_size
             dist.all_gather_object(rngs, mine)
 
-        def write() -> str:
-            payload = {"format": 1, "train": train, "data": data, "meters": meters,
-                       "rng": {str(r): s for r, s in enumerate(rngs)}, "world_size": self.dist_state.world_size,
-                       "global_batch": global_batch(self.cfg, self.dist_state.world_size), "config": to_dict(self.cfg),
-                       "wandb_id": self.run_id(), "states": states}
-            return checkpoint.save(self.output_dir, state.step, state.epoch, payload, self.cfg.checkpoint.keep,
-                                   self.keep_also())
+        def payload() -> dict[str, Any]:
+            return {"format": 1, "train": train, "data": data, "meters": meters,
+                    "rng": {str(r): s for r, s in enumerate(rngs)}, "world_size": self.dist_state.world_size,
+                    "global_batch": global_batch(self.cfg, self.dist_state.world_size), "config": to_dict(self.cfg),
+                    "wandb_id": self.run_id(), "states": states}
 
-        # Rank 0 writes; a failure there (a full disk) reaches every rank as one error.
-        path = self.dist_state.run_on_main(write, share_result=False)
+        if shards is not None:  # every rank writes its shard; rank 0 the rest, then commits
+            path = sharded.save(self.dist_state, self.output_dir, state.step, state.epoch, shards, payload,
+                                self.cfg.checkpoint.keep, self.keep_also)
+        else:
+            # Rank 0 writes; a failure there (a full disk) reaches every rank as one error.
+            path = self.dist_state.run_on_main(
+                lambda: checkpoint.save(self.output_dir, state.step, state.epoch, payload(),
+                                        self.cfg.checkpoint.keep, self.keep_also()), share_result=False)
         if self.dist_state.is_main:
-            size = os.path.getsize(os.path.join(path, checkpoint.STATE))
+            size = checkpoint.size_of(path)
             self.say(f"dtrain: checkpoint of step {state.step} saved in {time.perf_counter() - started:.2f} s "
                      f"({size / 2**20:.1f} MiB): {path}")

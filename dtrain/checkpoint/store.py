@@ -18,6 +18,9 @@ resuming also the checksums (dtrain/checkpoint/integrity.py), and a resume falls
 Global rank 0 writes everything (the other ranks' RNG states are gathered to
 it first), so a multi-node job writes each checkpoint once, on whatever
 storage rank 0 sees; resuming reads it on rank 0 and shares it with the rest.
+A sharded strategy's model and optimizer state are the exception: every rank
+writes its own shard into the same directory (dtrain/checkpoint/sharded.py),
+which must then be on storage every rank sees.
 Every value is a tensor, a number, a string or a container of those, so
 `torch.load(weights_only=True)` reads it without allow-listing anything.
 """
@@ -165,9 +168,18 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
          keep_also: Collection[int] = ()) -> str:
     """Commit `state` as the checkpoint of `step` (rank 0 only); keep the newest `keep`, and those of the steps
     in `keep_also` (the best ones)."""
+    tmp = begin(output_dir, step)
+    if tmp is None:
+        return os.path.join(checkpoints_dir(output_dir), dir_name(step))
+    return commit(output_dir, step, epoch, tmp, state, keep, keep_also)
+
+
+def begin(output_dir: str, step: int) -> Optional[str]:
+    """The empty temporary directory a checkpoint of `step` is written into (rank 0 only); None when that step is
+    committed already (a signal right after a periodic save)."""
     root = checkpoints_dir(output_dir)
     final = os.path.join(root, dir_name(step))
-    tmp = os.path.join(root, f".{_PREFIX}{step:09d}.tmp")
+    tmp = _tmp(output_dir, step)
     try:
         os.makedirs(root, exist_ok=True)
         for stale in os.listdir(root):  # a save that died half-way leaves its temporary directory
@@ -175,14 +187,35 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         if os.path.isdir(final):
             if is_committed(final):
-                return final  # this step is saved already (a signal right after a periodic save)
+                return None
             shutil.rmtree(final)
         os.makedirs(tmp)
+    except OSError as exc:
+        raise _cannot_write(step, exc, root) from None
+    return tmp
+
+
+def _tmp(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(output_dir), f".{_PREFIX}{step:09d}.tmp")
+
+
+def commit(output_dir: str, step: int, epoch: int, tmp: str, state: dict[str, Any], keep: int,
+           keep_also: Collection[int] = (), written: Optional[dict[str, tuple[int, str]]] = None) -> str:
+    """Write `state` as state.pt into `tmp` (from `begin`), then commit.json listing it and the files already
+    `written` there ({relative name: (bytes, sha256)}, each fsynced by its writer: a sharded checkpoint's
+    shards), and rename the directory into place (rank 0 only). Then retention: keep the newest `keep`
+    committed checkpoints and those of the steps in `keep_also`."""
+    root = checkpoints_dir(output_dir)
+    final = os.path.join(root, dir_name(step))
+    try:
         target = os.path.join(tmp, STATE)
         # Hashed as it is written: no second read. A full disk raises its OSError, not torch's RuntimeError.
         digest = save_hashed(state, target)
-        commit = {"step": step, "epoch": epoch, "saved_at": time.time(),
-                  "files": {STATE: os.path.getsize(target)}, ALGORITHM: {STATE: digest}}
+        files = {STATE: os.path.getsize(target)}
+        digests = {STATE: digest}
+        for name, (size, hexdigest) in (written or {}).items():
+            files[name], digests[name] = size, hexdigest
+        commit = {"step": step, "epoch": epoch, "saved_at": time.time(), "files": files, ALGORITHM: digests}
         with open(os.path.join(tmp, COMMIT), "w", encoding="utf-8") as f:
             json.dump(commit, f)
             f.flush()
@@ -192,13 +225,7 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
         fsync_dir(root)
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            where = exc.filename or root
-            why = exc.strerror or str(exc)
-        else:
-            where, why = root, " ".join(str(exc).split())[:200]
-        raise DTrainError(f"cannot write the checkpoint of step {step}: {where}: {why}; "
-                          "the earlier checkpoints are untouched") from None
+        raise _cannot_write(step, exc, root) from None
     # Older than this one only: a newer directory is never the one to go. Uncommitted ones go too (a deletion cut
     # short leaves them, and nothing resumes from them).
     kept = {f.step for f in committed(output_dir)[-keep:]} | set(keep_also)
@@ -206,6 +233,22 @@ def save(output_dir: str, step: int, epoch: int, state: dict[str, Any], keep: in
         if old.step < step and old.step not in kept:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+def _cannot_write(step: int, exc: BaseException, root: str) -> DTrainError:
+    if isinstance(exc, OSError):
+        where = exc.filename or root
+        why = exc.strerror or str(exc)
+    else:
+        where, why = root, " ".join(str(exc).split())[:200]
+    return DTrainError(f"cannot write the checkpoint of step {step}: {where}: {why}; "
+                       "the earlier checkpoints are untouched")
+
+
+def size_of(path: str) -> int:
+    """The bytes a committed checkpoint's files hold (from its commit.json)."""
+    with open(os.path.join(path, COMMIT), encoding="utf-8") as f:
+        return sum(int(size) for size in json.load(f)["files"].values())
 
 
 def load(path: str, verify: bool = True) -> dict[str, Any]:

@@ -34,11 +34,11 @@ def test_peak_flops_from_the_table_an_override_or_none_on_cpu() -> None:
 
 
 @pytest.mark.multiproc
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run; on a GPU the script is run for real")
 def test_runs_on_cpu_and_says_what_it_skipped(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], cwd=REPO,
-                         env=child_env(), capture_output=True, text=True, timeout=380)
+                         env=child_env(), capture_output=True, text=True, timeout=580)
     assert res.returncode == 0, res.stdout + res.stderr
     got = json.loads((tmp_path / "gpu_check.json").read_text())
     t = got["pytest"]
@@ -55,3 +55,11 @@ def test_runs_on_cpu_and_says_what_it_skipped(tmp_path: Path) -> None:
     gpt = got["gpt"]
     assert gpt["exit"] == 0 and gpt["ratio"] > 0 and all(r["tokens_per_s"] > 0 for r in gpt["runs"]["dtrain"])
     assert "ratio dtrain / by hand" in res.stdout
+    # benchmarks/fsdp2.py --quick: under the same per-rank cap FSDP2 trains and DDP runs out of memory.
+    fsdp2 = got["fsdp2"]
+    assert fsdp2["exit"] == 0, fsdp2
+    runs = fsdp2["memory"]["runs"]
+    assert runs["fsdp2"]["exit"] == 0 and runs["fsdp2"]["samples_per_s"] > 0, runs["fsdp2"]
+    assert runs["ddp"]["exit"] != 0 and runs["ddp"]["oom"], runs["ddp"]
+    assert fsdp2["speed"]["ratio"] > 0
+    assert "| ddp | out of memory (needs about" in res.stdout and "EMULATED out of memory" in res.stdout

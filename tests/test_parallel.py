@@ -60,7 +60,7 @@ def test_more_processes_get_the_ddp_strategy_of_their_group() -> None:
 def test_every_registered_strategy_is_a_strategy() -> None:
     assert "ddp" in STRATEGIES
     for name, make in STRATEGIES.items():
-        assert isinstance(make(load_config(None, []).dist, dist_state(2)), Strategy), name
+        assert isinstance(make(load_config(None, []).dist, dist_state(2), "fp32"), Strategy), name
 
 
 @pytest.mark.parametrize("global_real", [1, 3, 7, 10, 60, 97, 1000])

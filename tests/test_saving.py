@@ -7,7 +7,7 @@ import contextlib
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -42,7 +42,10 @@ class FakeRun:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def sharded_state(self) -> None:
+        return None  # an unsharded run: everything is in state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], shards: Optional[str] = None) -> None:
         self.loaded = state
         self.step = int(state["step"])
 

@@ -14,7 +14,10 @@ In order, each in its own processes:
    and the cost of the stop check, the non-finite guard and EMA.
 4. benchmarks/gpt.py: the built-in GPT through dtrain against nanoGPT's loop written by hand (tokens/s, the
    ratio, MFU, peak memory), at nanoGPT's GPU shakespeare_char size in bf16 on a GPU.
-5. The FSDP2 benchmark, once it is in benchmarks/.
+5. benchmarks/fsdp2.py: dist.strategy=fsdp2 against ddp through dtrain. With 2 GPUs or more: a GPT whose DDP
+   footprint does not fit each rank's capped share of its GPU, trained by FSDP2 (the cap emulates the shortage),
+   and the speed of a small GPT at one rank per GPU, bf16. With one GPU: only the speed part, at one rank, where
+   dtrain trains fsdp2 unsharded (it says so). Without CUDA: --quick on CPU (2 gloo ranks).
 
 Without CUDA, whatever needs a GPU is reported as skipped with the reason, and the rest runs in smoke
 size, so this script cannot rot before a GPU is lent. The report is printed as Markdown and written to
@@ -49,7 +52,6 @@ PEAK_TFLOPS = {
 # (warm-up, timed) micro-batches for the throughput runs.
 WINDOWS = {"mlp": (32, 1600), "cnn": (16, 480)}
 SMOKE_WINDOWS = {"mlp": (4, 16), "cnn": (2, 4)}
-LATER = {"fsdp2": "benchmarks/fsdp2.py"}
 
 
 def device_info() -> dict[str, Any]:
@@ -167,6 +169,23 @@ def run_gpt(cuda: bool, smoke: bool, out: Path, timeout_s: float) -> dict[str, A
     return {"exit": 0, **json.loads(path.read_text()), "output": res.stdout}
 
 
+def run_fsdp2(cuda: bool, smoke: bool, out: Path, timeout_s: float) -> dict[str, Any]:
+    """benchmarks/fsdp2.py: FSDP2 against DDP through dtrain, the memory each rank holds and the speed cost."""
+    import torch
+
+    args = ["--quick"] if smoke else (["--gpu-size"] if cuda else [])
+    if cuda and torch.cuda.device_count() < 2:
+        args += ["--repeats", "1"]  # one rank: both strategies train the same unsharded process; once says so
+    path = out / "fsdp2.json"
+    # Its own budget a little inside ours, so that it reports what it measured rather than being killed.
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fsdp2.py"), *args, "--out", str(out),
+                          "--budget-s", str(int(0.9 * timeout_s))], cwd=REPO, capture_output=True, text=True,
+                         env=compare._env(), timeout=timeout_s)
+    if res.returncode != 0 or not path.exists():
+        return {"exit": res.returncode or 1, "tail": res.stdout[-2000:] + res.stderr[-2000:]}
+    return {"exit": 0, **json.loads(path.read_text()), "output": res.stdout}
+
+
 def report(result: dict[str, Any]) -> str:
     dev, lines = result["device"], []
     where = (f"{dev['name']} ({dev['memory_gb']} GiB, {dev['count']} device(s))" if dev["cuda"]
@@ -200,7 +219,11 @@ def report(result: dict[str, Any]) -> str:
     lines.append("\nbenchmarks/gpt.py (dtrain's GPT against nanoGPT's loop by hand, one process):")
     lines += ([f"- {line}" for line in gpt["output"].splitlines()] if gpt["exit"] == 0
               else [f"- failed (exit {gpt['exit']}): {gpt.get('problem', '')}\n```\n{gpt['tail']}\n```"])
-    lines += [f"- skipped: the {what} benchmark: {why}" for what, why in result["later"].items()]
+    fsdp2 = result["fsdp2"]
+    lines.append("\nbenchmarks/fsdp2.py (fsdp2 against ddp through dtrain):")
+    lines += ([("##" + line if line.startswith("#") else line) for line in fsdp2["output"].splitlines()]
+              if fsdp2["exit"] == 0
+              else [f"- failed (exit {fsdp2['exit']}): {fsdp2.get('problem', '')}\n```\n{fsdp2['tail']}\n```"])
     return "\n".join(lines) + "\n"
 
 
@@ -219,14 +242,15 @@ def main() -> int:
     result: dict[str, Any] = {"device": dev, "smoke": smoke, "seconds": 0.0}
     deadline = start + args.budget_s
 
-    def phase(name: str, share: float, run: Callable[[float], Any], empty: Any) -> None:
-        """One phase within its share of what is left of the budget; its result saved at once, so a device
-        lost or a phase timed out later still leaves what was measured."""
+    def phase(name: str, share: float, run: Callable[[float], Any], empty: Any, keep: float = 0.0) -> None:
+        """One phase within its share of what is left of the budget, less `keep` seconds held back for the phases
+        after it; its result saved at once, so a device lost or a phase timed out later still leaves what was
+        measured."""
         left = deadline - time.monotonic()
         try:
             if left < 30:
                 raise TimeoutError(f"skipped: {left:.0f} s of the budget left")
-            result[name] = run(max(30.0, share * left))
+            result[name] = run(max(30.0, min(share * left, left - keep)))
         except (subprocess.TimeoutExpired, TimeoutError, SystemExit) as exc:
             result[name] = {**empty, "problem": f"{type(exc).__name__}: {exc}"[:2000]}
         result["seconds"] = time.monotonic() - start
@@ -238,13 +262,12 @@ def main() -> int:
     phase("throughput", 0.5, lambda s: run_throughput(dev["cuda"], dev.get("name"), smoke, args.peak_tflops),
           {"rows": [], "skipped": []})
     phase("loop_overhead", 0.4, lambda s: run_loop_overhead(smoke, s), {"exit": -1, "tail": ""})
-    phase("gpt", 1.0, lambda s: run_gpt(dev["cuda"], smoke, out, s), {"exit": -1, "tail": ""})
-    result["later"] = {what: f"{path} is not in the project yet" for what, path in LATER.items()
-                       if not (REPO / path).exists()}
+    phase("gpt", 1.0, lambda s: run_gpt(dev["cuda"], smoke, out, s), {"exit": -1, "tail": ""}, keep=150)
+    phase("fsdp2", 1.0, lambda s: run_fsdp2(dev["cuda"], smoke, out, s), {"exit": -1, "tail": ""})
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     print(report(result), flush=True)
     failed = (result["pytest"]["failed"] + result["pytest"]["errors"] or result["loop_overhead"]["exit"]
-              or result["gpt"]["exit"] or "problem" in result["throughput"])
+              or result["gpt"]["exit"] or result["fsdp2"]["exit"] or "problem" in result["throughput"])
     return 1 if failed else 0
 
 

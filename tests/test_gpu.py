@@ -96,7 +96,8 @@ def _syncs_in_five_steps(overrides: list[str], guard_mode: Optional[str] = None)
                     train_step(loop, CE, window, meter, guard)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        return loop.step, [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        # Only the per-operation warnings count; the mode also warns once that it is a prototype.
+        return loop.step, [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
 
 
 @pytest.mark.timeout(120)

@@ -37,7 +37,7 @@ from dtrain.loop.preflight import check_first_batch
 from dtrain.loop.state import TrainState
 from dtrain.loop.task import Task, build_task
 from dtrain.models.builtin import build_model, from_factory, prepare_model
-from dtrain.parallel import build_strategy
+from dtrain.parallel import build_strategy, forwards_are_collective
 from dtrain.runtime.devices import resolve_backend, resolve_device
 from dtrain.runtime.dist import DistState, distributed
 from dtrain.runtime.env import detect_launch
@@ -204,6 +204,18 @@ def check_monitors(cfg: Config, task: Task, has_eval: bool) -> None:
             raise ConfigError(key, name, f"one of this run's eval values: {' | '.join(task.eval_names)}")
 
 
+def check_eval_shards(cfg: Config, data: Datasets, world_size: int) -> None:
+    """Under a strategy whose every forward is a collective, each rank needs an eval sample to run its forwards
+    with; found here, before anything is written, rather than at the first eval."""
+    if data.eval is None or not forwards_are_collective(cfg.dist, world_size):
+        return
+    n = len(data.eval)  # type: ignore[arg-type]
+    if n < world_size:
+        raise ConfigError("dist.strategy", cfg.dist.strategy,
+                          f"ddp for an eval set of {n} samples on {world_size} ranks (under {cfg.dist.strategy} "
+                          f"every forward is a collective, so each rank needs at least one eval sample)")
+
+
 def _build_on_this_rank(cfg: Config, given: Given, dist_state: DistState, precision: Precision) -> _Built:
     """Local work only (no collective), so that a failure here can be agreed on."""
     callbacks = [*build_callbacks(cfg.callbacks), *given.callbacks]  # first: a typo'd name fails before the data
@@ -218,6 +230,7 @@ def _build_on_this_rank(cfg: Config, given: Given, dist_state: DistState, precis
     check_first_batch(parts.model, task, data, dist_state.device, given.model_label(cfg), cfg.data.batch_size,
                       precision.autocast)
     check_monitors(cfg, task, data.eval is not None)
+    check_eval_shards(cfg, data, dist_state.world_size)
     return _Built(task, data, loaders, parts, callbacks)
 
 

@@ -35,13 +35,15 @@ pytestmark = pytest.mark.multiproc
 
 FSDP2 = ["dist.strategy=fsdp2", "dist.shard=[Linear]"]  # both of the model's Linear layers are shard units
 SEED = 3
-# The kill/damage/eval/launcher runs: a dropout model (so the per-rank RNG streams must be restored too), Adam,
+# The kill/damage/eval/launcher runs: a dropout model (so the per-rank RNG streams must be restored too) with a
+# spare layer that never gets a gradient (so no Adam state; every resume must go without it), Adam,
 # K=2. 2 ranks x 150 samples in batches of 8 (19) in windows of 2: 10 steps an epoch, 40 in all; a sharded
 # checkpoint every 3 steps, the newest 3 kept: 36, 39 and the final 40 at the end.
 KILL = ["data.name=synthetic", "data.train_size=300", "data.eval_size=101", "data.eval_batch_size=16",
         "data.batch_size=8", "train.grad_accum_steps=2", "train.epochs=4", f"train.seed={SEED}", "log.every_steps=1",
-        "log.progress=none", "optim.name=adam", "optim.lr=0.01", "model.name=tests.workers.dropout_model:build",
-        "checkpoint.every_steps=3", "checkpoint.keep=3", *FSDP2]
+        "log.progress=none", "optim.name=adam", "optim.lr=0.01",
+        "model.name=tests.workers.dropout_model:build_with_spare", "checkpoint.every_steps=3", "checkpoint.keep=3",
+        *FSDP2]
 # The runs compared across world sizes and strategies: no dropout (its masks depend on the rank layout), Adam,
 # a global batch of 24 (2 x 12 = 1 x 24 = 3 x 8); 301 samples: 13 steps an epoch, 39 in all; a checkpoint every 4.
 MOVE = ["data.name=synthetic", "data.train_size=301", "data.eval_size=101", "data.eval_batch_size=16",
@@ -327,7 +329,9 @@ def test_predict_of_a_sharded_checkpoint_gives_plain_torchs_outputs(
     # The dropout model in eval mode, written out in plain torch, with the uninterrupted run's model.pt.
     plain = nn.Sequential(nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
     weights = torch.load(kill_reference / "model.pt")
-    plain.load_state_dict({k.replace("fc1", "1").replace("fc2", "3"): v for k, v in weights.items()})
+    assert weights.keys() == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "spare.weight", "spare.bias"}
+    plain.load_state_dict({k.replace("fc1", "1").replace("fc2", "3"): v for k, v in weights.items()
+                           if not k.startswith("spare")})
     x = synthetic(DataConfig(name="synthetic", train_size=300, eval_size=101), SEED).eval.tensors[0]
     with torch.no_grad():
         torch.testing.assert_close(saved["outputs"], plain(x), rtol=1e-6, atol=1e-6)

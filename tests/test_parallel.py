@@ -231,3 +231,50 @@ def test_an_unknown_strategy_is_refused_with_its_key_and_the_choices() -> None:
 
     with pytest.raises(ConfigError, match=r"'dist\.strategy'.*'fsdp3'.*ddp"):
         load_config(None, ["dist.strategy=fsdp3"])
+
+
+class _WithAnUnusedHead(nn.Module):
+    """`spare` never takes part in the forward, so it never gets a gradient and Adam never gives it state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.spare = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def _adam_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
+    for x in batches:
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("steps_before_save", [0, 2])
+def test_a_sharded_checkpoint_resumes_like_the_uninterrupted_run_with_a_parameter_never_given_a_gradient(
+        tmp_path: Path, steps_before_save: int) -> None:
+    """Through torch.distributed.checkpoint (the path of every fsdp2 checkpoint, whatever strategy loads it), saved
+    after 2 Adam steps or before the first: torch's get_state_dict makes up state for every trainable parameter,
+    which the strict load would demand of the checkpoint, and which saved before a step would count one step
+    too many. Against the same run continued without the save, bitwise."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    batches = [torch.randn(6, 4) for _ in range(5)]
+    model = _WithAnUnusedHead()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    _adam_steps(model, optimizer, batches[:steps_before_save])
+    dcp.save(Alone().sharded_state(model, optimizer), checkpoint_id=str(tmp_path / "shards"))
+    assert len(optimizer.state) == (2 if steps_before_save else 0)  # the save made up nothing in the live run
+    _adam_steps(model, optimizer, batches[steps_before_save:])
+
+    torch.manual_seed(1)  # other weights, overwritten by the load
+    resumed = _WithAnUnusedHead()
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=0.1)
+    Alone().load_sharded_state(resumed, resumed_optimizer, str(tmp_path / "shards"))
+    assert all(p not in resumed_optimizer.state for p in resumed.spare.parameters())
+    _adam_steps(resumed, resumed_optimizer, batches[steps_before_save:])
+    for (name, want), got in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(want, got), name
+    assert resumed_optimizer.state[resumed.used.weight]["step"] == optimizer.state[model.used.weight]["step"] == 5

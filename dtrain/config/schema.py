@@ -252,12 +252,13 @@ class DistConfig:
     communicating early; with gloo every bucket is 25, as each gloo collective has a high fixed cost). Larger
     buckets mean fewer, bigger all-reduces (helps where each collective has a high fixed cost: gloo, slow links,
     many small parameters); smaller ones start communicating earlier in the backward pass (more overlap on
-    fast links)."""
+    fast links). DDP only: under fsdp2 each shard unit is one reduce-scatter."""
     static_graph: bool = False
     """Promise DDP that every step uses the same parameters in the same order (no data-dependent branches):
     after the first step it orders its buckets by when gradients are really ready and skips per-step
     bookkeeping. Helps models whose gradients arrive in another order than their parameters are declared; it
-    also makes find_unused_parameters cheap. Wrong for models that skip layers depending on the input."""
+    also makes find_unused_parameters cheap. Wrong for models that skip layers depending on the input. DDP
+    only: no effect under fsdp2."""
     grad_compression: str = "none"
     """none | bf16 | fp16: all-reduce gradients in 16 bits (DDP's built-in compression hooks) and cast them
     back, halving the bytes sent. Helps when the all-reduce is bandwidth-bound (large models, slow links,
@@ -268,7 +269,7 @@ class DistConfig:
     """Let DDP find parameters that get no gradient in a step (a branch not taken, an unused head), which
     DDP otherwise waits on forever (an error at the next step). Needed only for such models; it costs a walk
     of the autograd graph every step (much less with static_graph=true). Frozen parameters (model.freeze)
-    need no flag."""
+    need no flag. Refused with dist.strategy=fsdp2, whose ranks must all give the same parameters gradients."""
 
 
 @dataclass

@@ -117,6 +117,9 @@ def validate(cfg: Config) -> None:
     if cfg.dist.strategy == "fsdp2":
         _check(cfg.dist.grad_compression == "none", "dist.grad_compression", cfg.dist.grad_compression,
                "none with dist.strategy=fsdp2 (a DDP hook; fsdp2 reduces in fp32, or in the parameters' dtype)")
+        _check(not cfg.dist.find_unused_parameters, "dist.find_unused_parameters", cfg.dist.find_unused_parameters,
+               "false with dist.strategy=fsdp2 (a DDP search; fsdp2 reduces each shard unit's gradients as one, so "
+               "a model whose ranks leave different parameters unused needs dist.strategy=ddp)")
         _check(cfg.ema.decay is None, "ema.decay", cfg.ema.decay,
                "null with dist.strategy=fsdp2 (the weight average is not sharded yet; use dist.strategy=ddp)")
 

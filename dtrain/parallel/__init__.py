@@ -21,6 +21,12 @@ STRATEGIES: dict[str, Callable[[DistConfig, DistState, str], Strategy]] = {
 }
 
 
+def forwards_are_collective(dist_cfg: DistConfig, world_size: int) -> bool:
+    """Whether every forward of this run is a collective (so every rank must run each eval forward)."""
+    kinds: dict[str, type[Strategy]] = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy}
+    return world_size > 1 and kinds[dist_cfg.strategy].even_eval_batches
+
+
 def build_strategy(dist_cfg: DistConfig, dist_state: DistState, precision: str = "fp32") -> Strategy:
     """One process is never wrapped (`Alone`); more use the strategy dist.strategy names (`precision`: the run's
     train.precision, for a strategy that casts the parameters itself)."""
@@ -33,4 +39,4 @@ def build_strategy(dist_cfg: DistConfig, dist_state: DistState, precision: str =
     return STRATEGIES[dist_cfg.strategy](dist_cfg, dist_state, precision)
 
 
-__all__ = ["Strategy", "STRATEGIES", "build_strategy"]
+__all__ = ["Strategy", "STRATEGIES", "build_strategy", "forwards_are_collective"]

@@ -84,19 +84,41 @@ class Strategy(ABC):
         as keys): this rank's shards under a sharded strategy, the full tensors otherwise. Every rank calls it."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        stepped = bool(optimizer.state)
         model_state, optim_state = get_state_dict(self.unwrap(model), optimizer)
+        if not stepped:
+            # get_state_dict makes up a zero step's state (Adam's step=1) to learn its keys; saving it would make
+            # the resumed run count one step more than the uninterrupted one.
+            optimizer.state.clear()
+            optim_state["state"] = {}
         return {"model": model_state, "optimizer": optim_state}
 
     def load_sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
         """Load a sharded checkpoint's model and optimizer state from the directory `path`, resharded to this
         strategy and world size (any strategy reads any world size's shards). Every rank calls it."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
-        state = self.sharded_state(model, optimizer)  # the templates DCP fills in place
+        module = self.unwrap(model)
+        # The templates DCP fills in place: every trainable parameter gets made-up state here, so the ones the
+        # checkpoint has none for (never given a gradient, or saved before the first step) are left out of the
+        # load, which is strict, and of the optimizer after it, as in the run that saved it.
+        model_state, optim_state = get_state_dict(module, optimizer)
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        absent = [fqn for fqn, entry in optim_state["state"].items()
+                  if not any(f"optimizer.state.{fqn}.{key}" in saved for key in entry)]
+        for fqn in absent:
+            del optim_state["state"][fqn]
+        state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        set_model_state_dict(module, state["model"])
+        # Not strict only so that the parameters left out above are allowed; the load above already required
+        # every other entry of the template.
+        set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        params = dict(module.named_parameters())
+        for fqn in absent:
+            optimizer.state.pop(params[fqn], None)
 
     def release(self, model: nn.Module) -> nn.Module:
         """The user's module as a plain module that works without the process group (`dtrain.train`'s

@@ -27,7 +27,8 @@ from dtrain.config import DistConfig
 from dtrain.errors import ConfigError, DTrainError
 from dtrain.parallel.base import Strategy, local_tensors
 
-_TOO_OLD = "ddp (dist.strategy=fsdp2 needs torch.distributed.fsdp.fully_shard: torch 2.6 or newer; this is torch {})"
+_TOO_OLD = ("ddp (dist.strategy=fsdp2 needs torch.distributed.fsdp.fully_shard with set_gradient_divide_factor: "
+            "torch 2.8 or newer; this is torch {})")
 
 
 def fully_shard_api() -> Any:
@@ -35,10 +36,25 @@ def fully_shard_api() -> Any:
     try:
         from torch.distributed import fsdp
 
-        fsdp.fully_shard, fsdp.MixedPrecisionPolicy  # noqa: B018 - both must exist
+        # torch 2.6 and 2.7 have fully_shard, but their divide-factor setter builds an NCCL-only reduce op, so
+        # on gloo the first reduce-scatter would fail; 2.8 renamed it and made it work on any backend.
+        fsdp.fully_shard, fsdp.MixedPrecisionPolicy, fsdp.FSDPModule.set_gradient_divide_factor  # noqa: B018
     except (ImportError, AttributeError):
         raise ConfigError("dist.strategy", "fsdp2", _TOO_OLD.format(torch.__version__)) from None
     return fsdp
+
+
+def _gather_each_unit_once(module: nn.Module) -> None:
+    """Unshard and reshard every unit, one at a time, before training. FSDP2 makes a unit's unsharded parameters at
+    its first gather, and (torch 2.14) a micro-step without gradient sync reads them in every unit's post-backward:
+    a unit the forward never runs (a head kept for later, a branch not taken) would fail the first window of
+    accumulation. Same order on every rank: each gather is a collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.unshard()
+            unit.reshard()
 
 
 def shard_units(module: nn.Module, spec: Any) -> list[tuple[str, nn.Module]]:
@@ -104,9 +120,8 @@ class FSDP2Strategy(Strategy):
         # grad_scale's W / count depends on it.
         for unit in module.modules():
             if isinstance(unit, fsdp.FSDPModule):
-                # torch 2.6 and 2.7 name it set_reduce_scatter_divide_factor.
-                setter = getattr(unit, "set_gradient_divide_factor", None) or unit.set_reduce_scatter_divide_factor
-                setter(float(self.world_size))
+                unit.set_gradient_divide_factor(float(self.world_size))
+        _gather_each_unit_once(module)
         self.units = [name for name, _ in units]
         return module
 
@@ -160,9 +175,13 @@ class FSDP2Strategy(Strategy):
     def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        # A full, unsharded optimizer state (a DDP or one-process checkpoint), keyed by parameter index.
-        set_optimizer_state_dict(model, optimizer, by_name(model, optimizer, state),
-                                 options=StateDictOptions(full_state_dict=True))
+        # A full, unsharded optimizer state (a DDP or one-process checkpoint), keyed by parameter index. Not strict:
+        # a parameter never given a gradient has no state there, and must have none here either.
+        named = by_name(model, optimizer, state)
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True, strict=False))
+        for fqn, param in model.named_parameters():
+            if fqn not in named["state"]:
+                optimizer.state.pop(param, None)
 
     def release(self, model: nn.Module) -> nn.Module:
         """FSDP2 taken off the module in place: each parameter gathered whole (one unit's at a time, on its

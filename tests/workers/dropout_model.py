@@ -61,3 +61,11 @@ def build_no_dropout(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     model = build(input_shape, num_classes)
     model.p = 0.0  # type: ignore[assignment]
     return model
+
+
+def build_with_spare(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """`build`, plus a layer the forward never uses (a head kept for later, a branch not taken): it never gets a
+    gradient, so Adam never gives it state, and a checkpoint must save and resume it without any."""
+    model = build(input_shape, num_classes)
+    model.spare = nn.Linear(4, 3)
+    return model

@@ -300,7 +300,9 @@ def _final_eval(run_dir: Path) -> dict:
 def test_eval_of_a_sharded_checkpoint_reproduces_the_runs_last_eval(
         tmp_path: Path, sharded_only: Path, nproc: int, choice: str) -> None:
     """Under torchrun, so the eval itself runs under FSDP2: bit for bit at the run's world size (2); at 3 the
-    same accuracy and the loss to float64 summation order (test_inference's bound)."""
+    same accuracy and the loss within float32 rounding of the forwards: the weights are gathered from 3 shards
+    (padded otherwise than from 2), so a sample's logits may round differently in their last bit (measured: 3.2e-9
+    relative on the mean loss), where a sample missed or scored twice would move it by about 1e-2."""
     path = sharded_only / "checkpoints" / "step-000000040" / checkpoint.STATE
     which = "last" if choice == "last" else str(path)
     out = tmp_path / "eval.json"
@@ -313,7 +315,7 @@ def test_eval_of_a_sharded_checkpoint_reproduces_the_runs_last_eval(
     if nproc == 2:
         assert got == want
     else:
-        assert got["accuracy"] == want["accuracy"] and rel_diff(got["loss"], want["loss"]) <= 1e-9
+        assert got["accuracy"] == want["accuracy"] and rel_diff(got["loss"], want["loss"]) <= 1e-6
     print(f"eval on {nproc} ranks, --checkpoint {choice}: loss {got['loss']!r} vs the record's {want['loss']!r}")
 
 

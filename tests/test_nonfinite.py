@@ -83,9 +83,12 @@ def test_stop_names_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
-def test_skip_leaves_out_exactly_that_step_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", [[], ["dist.strategy=fsdp2", "dist.shard=[Linear]"]], ids=["ddp", "fsdp2"])
+def test_skip_leaves_out_exactly_that_step_on_every_rank(tmp_path: Path, strategy: list[str]) -> None:
+    """Under fsdp2 the NaN reaches every rank's shard through the reduce-scatter, and the undo restores each
+    rank's own shard of the weights and momentum."""
     out = tmp_path / "run"
-    res = dtrain(2, _args(out, "skip", "log.every_steps=4"),
+    res = dtrain(2, _args(out, "skip", "log.every_steps=4", *strategy),
                  env={nan_model.NAN_AT_ENV: str(NAN_STEP), nan_model.NAN_RANK_ENV: "1"})
     assert res.returncode == 0
     _assert_close(torch.load(out / "model.pt"), _reference(STEPS, skip=NAN_STEP))

@@ -1,7 +1,7 @@
 """train.compile: the losses of eager PyTorch, nothing recompiled after the first epoch, compile time apart.
 
-Compiling is slow on CPU (seconds per graph), so there are two compiled runs
-only: one process with the global batch, and 2 ranks x B 10 x K 3. Both are
+Compiling is slow on CPU (seconds per graph), so there are three compiled runs
+only: one process with the global batch, and 2 ranks x B 10 x K 3 under DDP and under FSDP2. All are
 compared with the eager one-process run, the reference of
 tests/test_equivalence.py. N=301 leaves a short last batch every epoch.
 """
@@ -25,17 +25,20 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compile")
-    out = {name: root / name for name in ("eager", "one", "two")}
+    out = {name: root / name for name in ("eager", "one", "two", "fsdp2")}
     dtrain(0, [*COMMON, "data.batch_size=60", f"output_dir={out['eager']}"])
     dtrain(0, [*COMMON, "data.batch_size=60", "train.compile=true", f"output_dir={out['one']}"], timeout=300)
     dtrain(2, [*COMMON, "data.batch_size=10", "train.grad_accum_steps=3", "train.compile=true",
                f"output_dir={out['two']}"], timeout=300)
+    # Compiled before fully_shard wraps it: FSDP2's gathers run around the compiled forward.
+    dtrain(2, [*COMMON, "data.batch_size=10", "train.grad_accum_steps=3", "train.compile=true", "dist.strategy=fsdp2",
+               "dist.shard=[Linear]", f"output_dir={out['fsdp2']}"], timeout=300)
     return out
 
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", ["one", "two"])
+@pytest.mark.parametrize("name", ["one", "two", "fsdp2"])
 def test_compiled_losses_match_eager(runs: dict[str, Path], name: str) -> None:
     worst = 0.0
     for split in ("train", "train_epoch", "eval"):

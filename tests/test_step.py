@@ -88,7 +88,10 @@ def test_one_process_token_mean_equals_plain_pytorch(tmp_path: Path, plain: tupl
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
-def test_two_processes_with_accumulation_equal_plain_pytorch(tmp_path: Path, plain: tuple) -> None:
-    dtrain_cli(2, _overrides(tmp_path / "run", 3, 2))
+@pytest.mark.parametrize("strategy", [[], ["dist.strategy=fsdp2", "dist.shard=[Linear]"]], ids=["ddp", "fsdp2"])
+def test_two_processes_with_accumulation_equal_plain_pytorch(tmp_path: Path, plain: tuple,
+                                                             strategy: list[str]) -> None:
+    """Under fsdp2 the reweighing scales each rank's gradient shards, after the one reduce-scatter of the window."""
+    dtrain_cli(2, [*_overrides(tmp_path / "run", 3, 2), *strategy])
     worst = _assert_matches(tmp_path / "run", plain)
-    print(f"W=2 B=3 K=2: largest relative loss difference {worst:.2e}")
+    print(f"W=2 B=3 K=2 {strategy}: largest relative loss difference {worst:.2e}")

@@ -277,6 +277,7 @@ def set_up(cfg: Config, environ: Optional[Mapping[str, str]], prepare: Callable[
                         total, start, resumed, built.callbacks)
         finally:
             state.compile_watch.close()  # torch would keep counting into it
+            state.strategy.close()
 
 
 def _resume(start: Optional[Start], cfg: Config, state: TrainState, loaders: Loaders,

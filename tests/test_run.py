@@ -59,11 +59,13 @@ def test_process_group_is_destroyed_after_success(tmp_path: Path) -> None:
 
 @pytest.mark.multiproc
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
-def test_a_finished_run_leaves_no_process_group_threads(tmp_path: Path) -> None:
-    # Without this, the group outlived the run (torch.distributed.nn.functional, first
-    # imported by DDP, pins it in default arguments) and gloo's threads ran into
-    # interpreter shutdown, where a successful job sometimes aborted.
-    result = worker(2, "threads_after_run.py", [str(tmp_path / "run")])
+@pytest.mark.parametrize("strategy", [[], ["dist.strategy=fsdp2", "dist.shard=[Linear]"]], ids=["ddp", "fsdp2"])
+def test_a_finished_run_leaves_no_process_group_threads(tmp_path: Path, strategy: list[str]) -> None:
+    # Without this, the group outlived the run (DDP: torch.distributed.nn.functional, first
+    # imported by DDP, pins it in default arguments; FSDP2: DTensor's caches keep the
+    # device mesh, which holds the group) and gloo's threads ran into interpreter
+    # shutdown, where a successful job sometimes aborted.
+    result = worker(2, "threads_after_run.py", [str(tmp_path / "run"), *strategy])
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     for r in reports:

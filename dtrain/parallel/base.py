@@ -120,6 +120,10 @@ class Strategy(ABC):
         for fqn in absent:
             optimizer.state.pop(params[fqn], None)
 
+    def close(self) -> None:
+        """After the run, before the process group is destroyed: let go of whatever would keep the group alive
+        (its threads would run into interpreter shutdown, where a finished process can abort). Every rank."""
+
     def release(self, model: nn.Module) -> nn.Module:
         """The user's module as a plain module that works without the process group (`dtrain.train`'s
         Result.model, taken before the group is destroyed). Every rank calls it."""

@@ -101,6 +101,7 @@ class FSDP2Strategy(Strategy):
     def __init__(self, cfg: DistConfig, device: torch.device, world_size: int, precision: str = "fp32") -> None:
         self.cfg, self.device, self.world_size, self.precision = cfg, device, world_size, precision
         self.units: list[str] = []
+        self.mesh: Any = None
 
     def check(self, module: nn.Module) -> None:
         fully_shard_api()
@@ -110,7 +111,11 @@ class FSDP2Strategy(Strategy):
         fsdp = fully_shard_api()
         _broadcast_from_rank0(module)
         policy = fsdp.MixedPrecisionPolicy(param_dtype=_param_dtype(self.precision), reduce_dtype=torch.float32)
-        kwargs = {"reshard_after_forward": self.cfg.reshard_after_forward, "mp_policy": policy}
+        # Our own mesh (what fully_shard would make by default), so that close() can let go of its group.
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kwargs = {"reshard_after_forward": self.cfg.reshard_after_forward, "mp_policy": policy, "mesh": self.mesh}
         units = shard_units(module, self.cfg.shard)
         # Innermost first: fully_shard of a unit takes the parameters no inner unit took.
         for name, unit in sorted(units, key=lambda u: -u[0].count(".")):
@@ -124,6 +129,15 @@ class FSDP2Strategy(Strategy):
         _gather_each_unit_once(module)
         self.units = [name for name, _ in units]
         return module
+
+    def close(self) -> None:
+        # DTensor's sharding caches (torch globals) keep the mesh alive after the run, and the mesh holds the
+        # process group in its registry: destroy_process_group() could not free it, and gloo's threads ran into
+        # interpreter shutdown, where a finished job sometimes aborted ("terminate called without an active
+        # exception"). Emptying the registry lets the group go; the mesh is never used again.
+        registry = getattr(self.mesh, "_pg_registry", None)
+        if isinstance(registry, dict):
+            registry.clear()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # fully_shard changes the module in place; it stays the user's module

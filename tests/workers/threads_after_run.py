@@ -21,7 +21,7 @@ def thread_names() -> list[str]:
 
 def main() -> None:
     cfg = load_config(None, ["data.name=synthetic", "data.train_size=256", "data.eval_size=32",
-                             "train.epochs=1", "log.progress=none", f"output_dir={sys.argv[1]}"])
+                             "train.epochs=1", "log.progress=none", f"output_dir={sys.argv[1]}", *sys.argv[2:]])
     result = train(cfg)
     during = thread_names()  # the result still holds the DDP model here
     del result

@@ -294,6 +294,7 @@ def open_run(run_dir: str, checkpoint: str = "last", overrides: Sequence[str] = 
             yield Opened(cfg, runtime, weights.source, task, state, loader, len(chosen))  # type: ignore[arg-type]
         finally:
             state.compile_watch.close()
+            state.strategy.close()
 
 
 def predict(run: Opened) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

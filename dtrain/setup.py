@@ -210,10 +210,13 @@ def check_eval_shards(cfg: Config, data: Datasets, world_size: int) -> None:
     if data.eval is None or not forwards_are_collective(cfg.dist, world_size):
         return
     n = len(data.eval)  # type: ignore[arg-type]
+    if cfg.eval.max_batches is not None:  # the loader's cut (dtrain/data/loaders.py)
+        n = min(n, cfg.eval.max_batches * cfg.data.eval_batch_size)
     if n < world_size:
         raise ConfigError("dist.strategy", cfg.dist.strategy,
-                          f"ddp for an eval set of {n} samples on {world_size} ranks (under {cfg.dist.strategy} "
-                          f"every forward is a collective, so each rank needs at least one eval sample)")
+                          f"ddp for an eval of {n} sample{'' if n == 1 else 's'} (after eval.max_batches) on "
+                          f"{world_size} ranks (under {cfg.dist.strategy} every forward is a collective, so each "
+                          f"rank needs at least one eval sample)")
 
 
 def _build_on_this_rank(cfg: Config, given: Given, dist_state: DistState, precision: Precision) -> _Built:

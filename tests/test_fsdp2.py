@@ -340,14 +340,16 @@ def test_refused_settings_are_one_line_exit_2(tmp_path: Path, args: list[str], s
 
 @pytest.mark.timeout(200)
 def test_an_eval_set_smaller_than_the_ranks_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
-    """One eval sample, two ranks: rank 1 would have nothing to run the forwards rank 0's gathers need (every
-    forward is a collective), so every rank stops at set-up with the one line, not at the first eval."""
+    """101 eval samples cut to one by eval.max_batches=1 x data.eval_batch_size=1, two ranks: rank 1 would have
+    nothing to run the forwards rank 0's gathers need (every forward is a collective), so every rank stops at
+    set-up with the one line, not at the first eval."""
     out = tmp_path / "run"
-    res = dtrain(2, ["data.name=synthetic", "data.eval_size=1", "train.max_steps=2", "log.progress=none",
+    res = dtrain(2, ["data.name=synthetic", "data.eval_size=101", "eval.max_batches=1", "data.eval_batch_size=1",
+                     "train.max_steps=2", "log.progress=none",
                      "dist.strategy=fsdp2", "model.name=tests.workers.fsdp2_models:build", "dist.timeout_s=120",
                      f"output_dir={out}"], check=False, timeout=150)
     lines = _error_lines(res.stderr)
-    assert len(lines) == 1 and "config key 'dist.strategy' has value 'fsdp2'; allowed: ddp for an eval set of 1 " \
-                               "samples on 2 ranks" in lines[0], res.stderr
+    assert len(lines) == 1 and "config key 'dist.strategy' has value 'fsdp2'; allowed: ddp for an eval of 1 sample " \
+                               "(after eval.max_batches) on 2 ranks" in lines[0], res.stderr
     assert _exited_2(res), res.stderr
     assert not out.exists() or not any(out.iterdir())

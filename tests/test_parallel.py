@@ -278,3 +278,35 @@ def test_a_sharded_checkpoint_resumes_like_the_uninterrupted_run_with_a_paramete
     for (name, want), got in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(want, got), name
     assert resumed_optimizer.state[resumed.used.weight]["step"] == optimizer.state[model.used.weight]["step"] == 5
+
+
+def test_fsdp2_takes_a_whole_optimizer_state_without_state_for_a_parameter_never_given_a_gradient() -> None:
+    """A DDP or one-process checkpoint's optimizer state (keyed by index, no entry for `spare`) loaded into an
+    FSDP2-wrapped model (one gloo rank in this process; `spare` its own shard unit) continues as the same run
+    left uninterrupted in plain PyTorch, bitwise, and gives `spare` no made-up state."""
+    import copy
+
+    from dtrain.parallel.fsdp2 import FSDP2Strategy
+
+    torch.manual_seed(0)
+    batches = [torch.randn(6, 4) for _ in range(5)]
+    model = _WithAnUnusedHead()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    _adam_steps(model, optimizer, batches[:2])
+    saved_model, saved_optim = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    assert len(saved_optim["state"]) == 2
+    _adam_steps(model, optimizer, batches[2:])
+    with one_process_group():
+        strategy = FSDP2Strategy(load_config(None, ["dist.strategy=fsdp2", "dist.shard=[Linear]"]).dist,
+                                 torch.device("cpu"), 1)
+        torch.manual_seed(1)
+        resumed = strategy.wrap(_WithAnUnusedHead())
+        resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=0.1)
+        strategy.load_model_state(resumed, saved_model)
+        strategy.load_optim_state(resumed, resumed_optimizer, saved_optim)
+        assert all(p not in resumed_optimizer.state for p in resumed.spare.parameters())
+        _adam_steps(resumed, resumed_optimizer, batches[2:])
+        got = strategy.model_state(resumed)
+        strategy.close()
+    for name, want in model.state_dict().items():
+        assert torch.equal(got[name], want), name

@@ -116,9 +116,12 @@ class Strategy(ABC):
         # Not strict only so that the parameters left out above are allowed; the load above already required
         # every other entry of the template.
         set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
-        params = dict(module.named_parameters())
+        # remove_duplicate=False: a tied parameter's every name; a name get_state_dict shortened (a compiled
+        # submodule's prefix dropped) is simply not found, and the load has left it no state anyway.
+        params = dict(module.named_parameters(remove_duplicate=False))
         for fqn in absent:
-            optimizer.state.pop(params[fqn], None)
+            if fqn in params:
+                optimizer.state.pop(params[fqn], None)
 
     def close(self) -> None:
         """After the run, before the process group is destroyed: let go of whatever would keep the group alive

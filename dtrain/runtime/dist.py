@@ -159,6 +159,10 @@ def _process_group(launch: LaunchInfo, backend: str, device: Union[str, torch.de
         raise
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        # fp16 under fsdp2 (CUDA only) builds torch's ShardedGradScaler, whose module takes
+        # `process_group=dist.group.WORLD` as a default argument: imported while the group is live,
+        # it pins the group as torch.distributed.nn.functional would (see the import at the top).
+        from torch.distributed.fsdp import sharded_grad_scaler  # noqa: F401
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs: dict[str, Any] = {"backend": be, "rank": launch.rank, "world_size": launch.world_size,
                               "timeout": timeout}

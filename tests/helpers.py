@@ -52,6 +52,19 @@ def torchrun(nproc: int, module_args: Sequence[str], timeout: float = DEFAULT_TI
     return run(cmd, timeout=timeout, env=env)
 
 
+def predict_on_three_ranks(run_dir: Path, out: Path) -> dict:
+    """`dtrain.predict` of a run's eval set (101 samples) under torchrun at 3 ranks: it says so once and writes
+    every sample's output once, in dataset order. What it saved."""
+    import torch
+
+    res = torchrun(3, ["-m", "dtrain.predict", str(run_dir), str(out)])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("dtrain.predict: 101 outputs") == 1
+    saved = torch.load(out)
+    assert torch.equal(saved["index"], torch.arange(101))
+    return saved
+
+
 def dtrain(nproc: int, overrides: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S,
            env: Optional[dict[str, str]] = None, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m dtrain` alone (nproc=0) or under torchrun with nproc processes."""

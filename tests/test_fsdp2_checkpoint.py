@@ -26,7 +26,7 @@ from dtrain.checkpoint import store as checkpoint
 from dtrain.checkpoint.integrity import file_digest
 from dtrain.config import DataConfig
 from dtrain.data.builtin import synthetic
-from helpers import REPO, WORKERS, dtrain, records, rel_diff, run, torchrun
+from helpers import predict_on_three_ranks, REPO, WORKERS, dtrain, records, rel_diff, run, torchrun
 from slurm_cluster import SlurmCluster, running
 from test_checkpoint import _assert_bitwise, _assert_each_step_once_and_same_as
 from test_slurm import assert_same_as_reference, job_env, slurm_log, wait_for
@@ -323,11 +323,7 @@ def test_eval_of_a_sharded_checkpoint_reproduces_the_runs_last_eval(
 def test_predict_of_a_sharded_checkpoint_gives_plain_torchs_outputs(
         tmp_path: Path, sharded_only: Path, kill_reference: Path) -> None:
     out = tmp_path / "p.pt"
-    res = torchrun(3, ["-m", "dtrain.predict", str(sharded_only), str(out)])
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.count("dtrain.predict: 101 outputs") == 1
-    saved = torch.load(out)
-    assert torch.equal(saved["index"], torch.arange(101))
+    saved = predict_on_three_ranks(sharded_only, out)
     # The dropout model in eval mode, written out in plain torch, with the uninterrupted run's model.pt.
     plain = nn.Sequential(nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
     weights = torch.load(kill_reference / "model.pt")

@@ -27,7 +27,7 @@ from dtrain.data.builtin import synthetic
 from dtrain.errors import DTrainError
 from dtrain.eval import main as eval_main
 from dtrain.predict import main as predict_main
-from helpers import dtrain as run_dtrain, records, rel_diff, run, torchrun
+from helpers import predict_on_three_ranks, dtrain as run_dtrain, records, rel_diff, run, torchrun
 
 SEED = 7
 DATA = ["data.name=synthetic", "data.train_size=300", "data.eval_size=101", "data.eval_batch_size=16"]
@@ -310,11 +310,7 @@ def test_eval_reproduces_the_final_record_at_any_world_size(request: pytest.Fixt
 @pytest.mark.timeout(240)
 def test_predict_on_three_ranks_writes_every_sample_once_in_order(mlp_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.pt"
-    res = torchrun(3, ["-m", "dtrain.predict", str(mlp_run), str(out)])
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.count("dtrain.predict: 101 outputs") == 1
-    saved = torch.load(out)
-    assert torch.equal(saved["index"], torch.arange(101))
+    saved = predict_on_three_ranks(mlp_run, out)
     torch.testing.assert_close(saved["outputs"], _plain_outputs(torch.load(mlp_run / "model.pt")),
                                rtol=1e-6, atol=1e-6)
 
